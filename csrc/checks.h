@@ -1,0 +1,140 @@
+// Argument checks shared by the CPU and CUDA bindings: one place for each rule,
+// each message naming the op, the argument and the offending value.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <c10/util/irange.h>
+
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "kernels/common.h"
+
+namespace obd {
+
+inline bool is_supported_float(at::ScalarType t) {
+  return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
+}
+
+inline Dtype to_dtype(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return Dtype::F32;
+    case at::kDouble: return Dtype::F64;
+    case at::kHalf: return Dtype::F16;
+    case at::kBFloat16: return Dtype::BF16;
+    default: TORCH_CHECK(false, "obd_ext: unsupported dtype ", t);
+  }
+}
+
+inline std::string arg_name(const char* name, int64_t index) {
+  if (index < 0) return name;
+  return std::string(name) + "[" + std::to_string(index) + "]";
+}
+
+inline void check_float(const char* op, const std::string& arg, const at::Tensor& t) {
+  TORCH_CHECK(is_supported_float(t.scalar_type()), "obd_ext.", op, ": ", arg,
+              " must be float32, float64, float16 or bfloat16, got ", t.scalar_type());
+}
+
+inline void check_same_shape(const char* op, const std::string& a, const at::Tensor& ta,
+                             const std::string& b, const at::Tensor& tb) {
+  TORCH_CHECK(ta.sizes() == tb.sizes(), "obd_ext.", op, ": ", b, " must have the shape of ", a,
+              " ", ta.sizes(), ", got ", tb.sizes());
+}
+
+inline void check_same_device(const char* op, const std::string& a, const at::Tensor& ta,
+                              const std::string& b, const at::Tensor& tb) {
+  TORCH_CHECK(ta.device() == tb.device(), "obd_ext.", op, ": all tensors must be on one device; ",
+              a, " is on ", ta.device(), " but ", b, " is on ", tb.device());
+}
+
+inline void check_mask(const char* op, const std::string& arg, const at::Tensor& mask) {
+  TORCH_CHECK(mask.scalar_type() == at::kBool, "obd_ext.", op, ": ", arg,
+              " must be a bool keep-mask (True = kept), got ", mask.scalar_type());
+}
+
+inline void check_factor(const char* op, const c10::optional<double>& factor) {
+  if (!factor.has_value()) return;
+  TORCH_CHECK(std::isfinite(*factor), "obd_ext.", op, ": factor must be finite, got ", *factor);
+}
+
+// "(2, 3)" for a flat row-major index into `sizes`.
+inline std::string unravel(int64_t flat, at::IntArrayRef sizes) {
+  std::vector<int64_t> idx(sizes.size());
+  for (int64_t d = static_cast<int64_t>(sizes.size()) - 1; d >= 0; --d) {
+    int64_t s = sizes[d] > 0 ? sizes[d] : 1;
+    idx[d] = flat % s;
+    flat /= s;
+  }
+  std::ostringstream os;
+  os << "(";
+  for (size_t d = 0; d < idx.size(); ++d) os << (d ? ", " : "") << idx[d];
+  if (idx.size() == 1) os << ",";
+  os << ")";
+  return os.str();
+}
+
+// Raises the error for the first non-finite entry that a kernel found at flat
+// index `flat` of pool member `index`: it names the tensor (weight or
+// curvature), the position and the value.
+[[noreturn]] inline void throw_nonfinite(const char* op, const char* wname, const char* hname,
+                                         int64_t index, const at::Tensor& w, const at::Tensor& h,
+                                         int64_t flat) {
+  auto value_at = [&](const at::Tensor& t) {
+    return t.reshape({-1}).select(0, flat).to(at::kDouble).cpu().item<double>();
+  };
+  std::string which = hname;
+  const at::Tensor* bad = &h;
+  if (w.defined() && !std::isfinite(value_at(w))) {
+    which = wname;
+    bad = &w;
+  }
+  TORCH_CHECK(false, "obd_ext.", op, ": ", arg_name(which.c_str(), index),
+              " has a non-finite value (", value_at(*bad), ") at position ",
+              unravel(flat, bad->sizes()), " (flat index ", flat,
+              "); pass skip_nonfinite=True (nonfinite='keep' in the Python API) to treat "
+              "non-finite entries as never prunable");
+}
+
+
+// ---------------------------------------------------------------------------
+// Saliency ops
+// ---------------------------------------------------------------------------
+inline void check_saliency_args(const char* op, const at::Tensor& w, const at::Tensor& h) {
+  check_float(op, "weight", w);
+  check_float(op, "hessian_diag", h);
+  check_same_shape(op, "weight", w, "hessian_diag", h);
+  check_same_device(op, "weight", w, "hessian_diag", h);
+}
+
+// float64 if either operand is float64, float32 otherwise.
+inline at::ScalarType saliency_dtype(const at::Tensor& w, const at::Tensor& h) {
+  return (w.scalar_type() == at::kDouble || h.scalar_type() == at::kDouble) ? at::kDouble : at::kFloat;
+}
+
+inline int64_t normalize_group_dim(const at::Tensor& w, int64_t dim) {
+  const int64_t nd = w.dim();
+  TORCH_CHECK(nd >= 1, "obd_ext.group_saliency: weight must have at least one dimension, got a scalar");
+  TORCH_CHECK(dim >= -nd && dim < nd, "obd_ext.group_saliency: dim must be in [", -nd, ", ", nd - 1,
+              "] for a weight of shape ", w.sizes(), ", got ", dim);
+  return dim < 0 ? dim + nd : dim;
+}
+
+// A contiguous tensor seen as outer x groups x inner around the group dim.
+struct GroupShape {
+  int64_t outer, groups, inner;
+};
+
+inline GroupShape group_shape(const at::Tensor& w, int64_t dim) {
+  GroupShape g{1, w.size(dim), 1};
+  for (int64_t d = 0; d < dim; ++d) g.outer *= w.size(d);
+  for (int64_t d = dim + 1; d < w.dim(); ++d) g.inner *= w.size(d);
+  return g;
+}
+
+inline at::Tensor make_stats(const at::Tensor& like) {
+  return at::zeros({kNumStats}, like.options().dtype(at::kDouble));
+}
+
+}  // namespace obd

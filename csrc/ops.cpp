@@ -1,0 +1,47 @@
+// The one TORCH_LIBRARY of obd_ext: every schema, nothing else.
+// Backends attach with TORCH_LIBRARY_IMPL in csrc/cpu/ and csrc/cuda/; fake
+// (meta) kernels and autograd are registered from Python (obd_ext/ops.py).
+#include <Python.h>
+#include <torch/library.h>
+
+// `import obd_ext._C` must find a module init function; the ops register
+// themselves through static initialisers when the shared library loads.
+extern "C" {
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(obd_ext, m) {
+  // s = h * w^2 / 2, float32 (float64 for float64 input), shape of weight.
+  m.def("saliency(Tensor weight, Tensor hessian_diag) -> Tensor");
+
+  // Sum of saliencies over every dimension but `dim`: the saliency of a unit
+  // (dim=0 of a Linear weight: its incoming weights) or of a conv channel.
+  m.def("group_saliency(Tensor weight, Tensor hessian_diag, int dim) -> Tensor");
+
+  // Exact global selection. Deletes the lowest-saliency entries of the pool
+  // formed by ALL the tensors until exactly max(k, already deleted) entries
+  // are deleted. `masks` are bool keep-masks (True = kept), read and written
+  // in place; deleted entries stay deleted. With `factor` given, deleted
+  // weights are multiplied by it in the same pass (0: zeroed). An empty
+  // `weights` list means `curvatures` are precomputed scores.
+  // Ties: equal saliencies are deleted in order of tensor index, then flat
+  // (row-major) index. Returns float64[5] statistics (csrc/kernels/common.h).
+  m.def(
+      "global_select_(Tensor(a!)[] weights, Tensor[] curvatures, Tensor(b!)[] masks, "
+      "SymInt k, float? factor, bool skip_nonfinite) -> Tensor");
+
+  // Per output row: each row of the weight (dim 0; the rest flattened) is its
+  // own pool, with k deleted entries wanted in every row.
+  m.def(
+      "row_select_(Tensor(a!) weight, Tensor curvature, Tensor(b!) mask, SymInt k, "
+      "float? factor, bool skip_nonfinite) -> Tensor");
+
+  // N:M: in every group of m consecutive entries along the last dimension,
+  // keep the n most salient (at least m - n deleted per group).
+  m.def(
+      "nm_select_(Tensor(a!) weight, Tensor curvature, Tensor(b!) mask, int n, int m, "
+      "float? factor, bool skip_nonfinite) -> Tensor");
+}

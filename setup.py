@@ -1,0 +1,85 @@
+"""Builds obd_ext._C with torch.utils.cpp_extension.
+
+CPU kernels are always built. CUDA kernels are built when the installed torch
+has CUDA (torch.version.cuda) and nvcc is found (CUDA_HOME), with no GPU
+needed at build time. OBD_EXT_CUDA=1 forces the CUDA build (and fails if it
+cannot), OBD_EXT_CUDA=0 disables it. OBD_EXT_CUDA_ARCH sets the target
+architectures (default "8.0;9.0"). Build with `pip install --no-build-isolation`.
+"""
+import glob
+import os
+import sys
+
+from setuptools import setup
+
+import torch
+from torch.utils import cpp_extension
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def want_cuda() -> bool:
+    switch = os.environ.get("OBD_EXT_CUDA", "auto").lower()
+    possible = torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
+    if switch in ("1", "true", "on", "yes"):
+        if not possible:
+            sys.exit(
+                f"OBD_EXT_CUDA=1 but torch.version.cuda={torch.version.cuda!r} and "
+                f"CUDA_HOME={cpp_extension.CUDA_HOME!r}: a CUDA build of torch and nvcc are needed"
+            )
+        return True
+    if switch in ("0", "false", "off", "no"):
+        return False
+    return possible
+
+
+def rel(paths):
+    return sorted(os.path.relpath(p, ROOT) for p in paths)
+
+
+def extension():
+    cuda = want_cuda()
+    sources = rel([os.path.join(ROOT, "csrc", "ops.cpp")] + glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp")))
+    cxx = ["-O3", "-std=c++17", "-fopenmp"]
+    define_macros = [("Py_LIMITED_API", "0x03090000")]
+    if cuda:
+        sources += rel(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cpp")))
+        sources += rel(glob.glob(os.path.join(ROOT, "csrc", "kernels", "*.cu")))
+        archs = os.environ.get("OBD_EXT_CUDA_ARCH", "8.0;9.0").replace(",", ";").split(";")
+        gencode = []
+        for a in archs:
+            a = a.strip().replace(".", "")
+            if a:
+                gencode += [f"-gencode=arch=compute_{a},code=sm_{a}"]
+        nvcc = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"] + gencode
+        ext = cpp_extension.CUDAExtension(
+            "obd_ext._C",
+            sources,
+            extra_compile_args={"cxx": cxx + ["-DOBD_EXT_WITH_CUDA"], "nvcc": nvcc},
+            extra_link_args=["-fopenmp"],
+            define_macros=define_macros,
+            py_limited_api=True,
+        )
+    else:
+        ext = cpp_extension.CppExtension(
+            "obd_ext._C",
+            sources,
+            extra_compile_args={"cxx": cxx},
+            extra_link_args=["-fopenmp"],
+            define_macros=define_macros,
+            py_limited_api=True,
+        )
+    print("obd_ext build configuration:")
+    print(f"  torch {torch.__version__}, torch.version.cuda={torch.version.cuda}, CUDA_HOME={cpp_extension.CUDA_HOME}")
+    print(f"  CUDA kernels: {'yes' if cuda else 'no'} (OBD_EXT_CUDA={os.environ.get('OBD_EXT_CUDA', 'auto')})")
+    if cuda:
+        print(f"  CUDA archs: {os.environ.get('OBD_EXT_CUDA_ARCH', '8.0;9.0')}")
+    print(f"  MAX_JOBS={os.environ.get('MAX_JOBS', 'unset')}, sources: {len(sources)}")
+    return ext
+
+
+setup(
+    ext_modules=[extension()],
+    cmdclass={"build_ext": cpp_extension.BuildExtension},
+    options={"bdist_wheel": {"py_limited_api": "cp39"}},
+)
