@@ -1,1 +1,53 @@
-from . import _C  # noqa: F401  registers torch.ops.obd_ext
+"""obd_ext: Optimal Brain Damage for PyTorch.
+
+Second-order saliency ``s = h w^2 / 2`` and exact, fused selection of the
+lowest-saliency weights over a whole model, with CPU and CUDA kernels
+registered under ``torch.ops.obd_ext``.
+"""
+
+from . import _C  # noqa: F401  loads the kernels and registers torch.ops.obd_ext
+from . import ops, reference
+from .ops import group_saliency, saliency
+from .selection import (
+    SCOPES,
+    Selection,
+    check_sparsity,
+    count_for_sparsity,
+    prune_,
+    prune_global_,
+    prune_groups_,
+    prune_layers_,
+    prune_nm_,
+    prune_rows_,
+    select_global,
+    select_scores,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ops",
+    "reference",
+    "saliency",
+    "group_saliency",
+    "SCOPES",
+    "Selection",
+    "check_sparsity",
+    "count_for_sparsity",
+    "prune_",
+    "prune_global_",
+    "prune_groups_",
+    "prune_layers_",
+    "prune_nm_",
+    "prune_rows_",
+    "select_global",
+    "select_scores",
+    "has_cuda_kernels",
+]
+
+
+def has_cuda_kernels() -> bool:
+    """Whether this build of obd_ext registered CUDA kernels."""
+    import torch
+
+    return torch._C._dispatch_has_kernel_for_dispatch_key("obd_ext::saliency", "CUDA")

@@ -1,0 +1,129 @@
+"""Thin wrappers over ``torch.ops.obd_ext``, with their fake kernels and autograd.
+
+This is the only module that talks to ``torch.ops.obd_ext``. The schemas live
+in ``csrc/ops.cpp``; the CPU and CUDA kernels register themselves when
+``obd_ext._C`` loads. Fake kernels make every op traceable by
+``torch.compile``; ``saliency`` and ``group_saliency`` are differentiable.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from . import _C  # noqa: F401  (loads the kernels)
+from .reference import NUM_STATS, saliency_dtype
+
+__all__ = ["saliency", "group_saliency", "global_select_", "row_select_", "nm_select_"]
+
+_ops = torch.ops.obd_ext
+
+
+def saliency(weight: Tensor, hessian_diag: Tensor) -> Tensor:
+    """``h * w^2 / 2`` in float32 (float64 if an operand is float64)."""
+    return _ops.saliency.default(weight, hessian_diag)
+
+
+def group_saliency(weight: Tensor, hessian_diag: Tensor, dim: int = 0) -> Tensor:
+    """Sum of saliencies over every dimension but ``dim`` (one value per unit/channel)."""
+    return _ops.group_saliency.default(weight, hessian_diag, dim)
+
+
+def global_select_(
+    weights: Sequence[Tensor],
+    curvatures: Sequence[Tensor],
+    masks: Sequence[Tensor],
+    k: int,
+    factor: Optional[float],
+    skip_nonfinite: bool,
+) -> Tensor:
+    """Exact global selection in place; see the schema in csrc/ops.cpp."""
+    return _ops.global_select_.default(list(weights), list(curvatures), list(masks), k, factor, skip_nonfinite)
+
+
+def row_select_(
+    weight: Tensor, curvature: Tensor, mask: Tensor, k: int, factor: Optional[float], skip_nonfinite: bool
+) -> Tensor:
+    """Per-output-row selection in place; see the schema in csrc/ops.cpp."""
+    return _ops.row_select_.default(weight, curvature, mask, k, factor, skip_nonfinite)
+
+
+def nm_select_(
+    weight: Tensor, curvature: Tensor, mask: Tensor, n: int, m: int, factor: Optional[float], skip_nonfinite: bool
+) -> Tensor:
+    """N:M selection in place; see the schema in csrc/ops.cpp."""
+    return _ops.nm_select_.default(weight, curvature, mask, n, m, factor, skip_nonfinite)
+
+
+# ---------------------------------------------------------------------------
+# Fake kernels: shapes, dtypes and devices only.
+# ---------------------------------------------------------------------------
+
+
+@torch.library.register_fake("obd_ext::saliency")
+def _saliency_fake(weight: Tensor, hessian_diag: Tensor) -> Tensor:
+    torch._check(weight.shape == hessian_diag.shape, lambda: "obd_ext.saliency: shapes differ")
+    return weight.new_empty(weight.shape, dtype=saliency_dtype(weight, hessian_diag))
+
+
+@torch.library.register_fake("obd_ext::group_saliency")
+def _group_saliency_fake(weight: Tensor, hessian_diag: Tensor, dim: int) -> Tensor:
+    torch._check(weight.shape == hessian_diag.shape, lambda: "obd_ext.group_saliency: shapes differ")
+    return weight.new_empty((weight.shape[dim],), dtype=saliency_dtype(weight, hessian_diag))
+
+
+def _stats_fake(like: Optional[Tensor]) -> Tensor:
+    device = like.device if like is not None else torch.device("cpu")
+    return torch.empty(NUM_STATS, dtype=torch.float64, device=device)
+
+
+@torch.library.register_fake("obd_ext::global_select_")
+def _global_select_fake(weights, curvatures, masks, k, factor, skip_nonfinite) -> Tensor:
+    return _stats_fake(curvatures[0] if len(curvatures) else None)
+
+
+@torch.library.register_fake("obd_ext::row_select_")
+def _row_select_fake(weight, curvature, mask, k, factor, skip_nonfinite) -> Tensor:
+    return _stats_fake(weight)
+
+
+@torch.library.register_fake("obd_ext::nm_select_")
+def _nm_select_fake(weight, curvature, mask, n, m, factor, skip_nonfinite) -> Tensor:
+    return _stats_fake(weight)
+
+
+# ---------------------------------------------------------------------------
+# Autograd: ds/dw = h w, ds/dh = w^2 / 2 (the forward's math, in torch ops).
+# ---------------------------------------------------------------------------
+
+
+def _saliency_setup(ctx, inputs, output) -> None:
+    weight, hessian_diag = inputs[0], inputs[1]
+    ctx.save_for_backward(weight, hessian_diag)
+    ctx.dim = inputs[2] if len(inputs) > 2 else None
+
+
+def _saliency_grads(ctx, grad: Tensor):
+    weight, hessian_diag = ctx.saved_tensors
+    if ctx.dim is not None:  # group_saliency: broadcast the per-group grad back
+        shape = [1] * weight.dim()
+        shape[ctx.dim] = -1
+        grad = grad.reshape(shape)
+    dt = grad.dtype
+    w = weight.to(dt)
+    h = hessian_diag.to(dt)
+    grad_w = (grad * h * w).to(weight.dtype) if ctx.needs_input_grad[0] else None
+    grad_h = (grad * (w * w) * 0.5).to(hessian_diag.dtype) if ctx.needs_input_grad[1] else None
+    return grad_w, grad_h
+
+
+def _group_saliency_backward(ctx, grad: Tensor):
+    return (*_saliency_grads(ctx, grad), None)
+
+
+torch.library.register_autograd("obd_ext::saliency", _saliency_grads, setup_context=_saliency_setup)
+torch.library.register_autograd(
+    "obd_ext::group_saliency", _group_saliency_backward, setup_context=_saliency_setup
+)

@@ -1,0 +1,206 @@
+"""Pure-PyTorch versions of every obd_ext op: the oracle for tests and benchmarks.
+
+These are written for clarity, not speed or memory: they concatenate, sort and
+materialise everything the kernels avoid. Each function has the signature and
+the semantics of the op of the same name in ``torch.ops.obd_ext``, including
+the tie rule (equal saliencies are deleted in order of tensor index, then flat
+row-major index) and the in-place updates of masks and weights.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "saliency_dtype",
+    "saliency",
+    "group_saliency",
+    "global_select_",
+    "row_select_",
+    "nm_select_",
+    "NUM_STATS",
+]
+
+# Layout of the float64 statistics every selection op returns.
+NUM_STATS = 5
+STAT_DELETED_NOW, STAT_DELETED_BEFORE, STAT_SKIPPED, STAT_MAX_DELETED, STAT_SALIENCY_SUM = range(NUM_STATS)
+
+
+def saliency_dtype(*tensors: Tensor) -> torch.dtype:
+    """float64 if any operand is float64, float32 otherwise."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def saliency(weight: Tensor, hessian_diag: Tensor) -> Tensor:
+    """``h * w^2 / 2`` evaluated as ``h * (w * w) * 0.5`` (the kernels' exact order)."""
+    dt = saliency_dtype(weight, hessian_diag)
+    w = weight.to(dt)
+    h = hessian_diag.to(dt)
+    return h * (w * w) * 0.5
+
+
+def group_saliency(weight: Tensor, hessian_diag: Tensor, dim: int) -> Tensor:
+    """Sum of saliencies over every dimension but ``dim``, accumulated in float64."""
+    dt = saliency_dtype(weight, hessian_diag)
+    s = saliency(weight, hessian_diag).double()
+    dim = dim % weight.dim()
+    others = [d for d in range(weight.dim()) if d != dim]
+    return (s.sum(dim=others) if others else s).to(dt)
+
+
+def _stats(device, now, before, skipped, deleted_values: Tensor) -> Tensor:
+    st = torch.zeros(NUM_STATS, dtype=torch.float64, device=device)
+    st[STAT_DELETED_NOW] = now
+    st[STAT_DELETED_BEFORE] = before
+    st[STAT_SKIPPED] = skipped
+    st[STAT_MAX_DELETED] = deleted_values.max().double() if deleted_values.numel() else math.nan
+    st[STAT_SALIENCY_SUM] = deleted_values.double().sum()
+    return st
+
+
+def _finite(weight: Optional[Tensor], curvature: Tensor) -> Tensor:
+    ok = torch.isfinite(curvature)
+    if weight is not None:
+        ok = ok & torch.isfinite(weight)
+    return ok
+
+
+def _scale_(weight: Tensor, where: Tensor, factor: float) -> None:
+    """Deleted weights are multiplied by ``factor`` in float64 (exact zero for 0)."""
+    flat = weight.view(-1) if weight.is_contiguous() else None
+    new = torch.zeros_like(weight) if factor == 0.0 else (weight.double() * factor).to(weight.dtype)
+    if flat is not None:
+        flat[where.reshape(-1)] = new.reshape(-1)[where.reshape(-1)]
+    else:
+        weight.copy_(torch.where(where, new, weight))
+
+
+def global_select_(
+    weights: Sequence[Tensor],
+    curvatures: Sequence[Tensor],
+    masks: Sequence[Tensor],
+    k: int,
+    factor: Optional[float],
+    skip_nonfinite: bool,
+) -> Tensor:
+    """Delete the lowest saliencies of one pool until ``k`` entries are deleted."""
+    score_mode = len(weights) == 0
+    ws = [None] * len(curvatures) if score_mode else list(weights)
+    if not curvatures:
+        if k != 0:
+            raise ValueError(f"k must be 0 for an empty pool, got {k}")
+        return _stats("cpu", 0, 0, 0, torch.zeros(0))
+    device = curvatures[0].device
+    scores = [
+        (h.to(saliency_dtype(h)) if w is None else saliency(w, h)).reshape(-1) for w, h in zip(ws, curvatures)
+    ]
+    pool_dt = saliency_dtype(*scores)
+    flat = torch.cat([s.to(pool_dt) for s in scores])
+    alive = torch.cat([m.reshape(-1) for m in masks])
+    finite = torch.cat([_finite(w, h).reshape(-1) for w, h in zip(ws, curvatures)])
+    bad = alive & ~finite
+    if bad.any() and not skip_nonfinite:
+        raise ValueError(f"non-finite entry at flat pool index {int(bad.nonzero()[0])}")
+    before = int((~alive).sum())
+    prunable = flat.numel() - int(bad.sum())
+    if not 0 <= k <= prunable:
+        raise ValueError(f"k must be in [0, {prunable}], got {k}")
+    want = max(k - before, 0)
+    cand = (alive & finite).nonzero().reshape(-1)
+    order = torch.sort(flat[cand], stable=True).indices
+    chosen = cand[order[:want]]
+    new_alive = alive.clone()
+    new_alive[chosen] = False
+    deleted = flat[chosen]
+    offset = 0
+    for w, m in zip(ws, masks):
+        n = m.numel()
+        newly = (alive[offset : offset + n] & ~new_alive[offset : offset + n]).reshape(m.shape)
+        m.copy_(new_alive[offset : offset + n].reshape(m.shape))
+        if factor is not None and w is not None:
+            _scale_(w, newly, factor)
+        offset += n
+    return _stats(device, want, before, int(bad.sum()) if skip_nonfinite else 0, deleted)
+
+
+def _segment_select_(
+    scores: Tensor, alive: Tensor, finite: Tensor, target: int, skip_nonfinite: bool
+) -> tuple[Tensor, Tensor, int, int, int]:
+    """Per-row selection on 2-D (segments x entries) views; returns (new_alive, deleted values, now, before, skipped)."""
+    bad = alive & ~finite
+    if bad.any() and not skip_nonfinite:
+        raise ValueError("non-finite entry")
+    cand = alive & finite
+    before = (~alive).sum(dim=1)
+    want = (target - before).clamp(min=0)
+    if bool((want > cand.sum(dim=1)).any()):
+        raise ValueError("a segment has too few deletable entries")
+    # Rank the candidates of each row by (value, index): a stable sort by value,
+    # then a stable sort that moves non-candidates to the end.
+    order = torch.sort(scores, dim=1, stable=True).indices
+    order = order.gather(1, torch.sort((~cand).gather(1, order).to(torch.int8), dim=1, stable=True).indices)
+    rank = torch.empty_like(order)
+    rank.scatter_(1, order, torch.arange(scores.shape[1], device=scores.device).expand_as(order))
+    newly = cand & (rank < want[:, None])
+    new_alive = alive & ~newly
+    return new_alive, scores[newly], int(newly.sum()), int(before.sum()), int(bad.sum()) if skip_nonfinite else 0
+
+
+def _apply_segments(weight, curvature, mask, to2d, from2d, target, factor, skip_nonfinite) -> Tensor:
+    scores = to2d(saliency(weight, curvature))
+    new_alive, deleted, now, before, skipped = _segment_select_(
+        scores, to2d(mask), to2d(_finite(weight, curvature)), target, skip_nonfinite
+    )
+    newly = mask & ~from2d(new_alive)
+    mask.copy_(from2d(new_alive))
+    if factor is not None:
+        _scale_(weight, newly, factor)
+    # Per-segment sums in segment order match the kernels' accumulation order.
+    return _stats(weight.device, now, before, skipped, deleted)
+
+
+def row_select_(
+    weight: Tensor, curvature: Tensor, mask: Tensor, k: int, factor: Optional[float], skip_nonfinite: bool
+) -> Tensor:
+    """Each output row (dim 0) its own pool, ``k`` deleted entries wanted per row."""
+    rows = weight.shape[0] if weight.dim() else 1
+    cols = weight.numel() // rows if rows else 0
+    if not 0 <= k <= cols:
+        raise ValueError(f"k must be in [0, {cols}], got {k}")
+    shape = weight.shape
+    return _apply_segments(
+        weight, curvature, mask, lambda t: t.reshape(rows, cols), lambda t: t.reshape(shape), k, factor, skip_nonfinite
+    )
+
+
+def nm_select_(
+    weight: Tensor,
+    curvature: Tensor,
+    mask: Tensor,
+    n: int,
+    m: int,
+    factor: Optional[float],
+    skip_nonfinite: bool,
+) -> Tensor:
+    """Keep the ``n`` most salient of every ``m`` consecutive entries along the input dimension."""
+    if not (1 <= m and 0 <= n <= m):
+        raise ValueError(f"need 0 <= n <= m and m >= 1, got n={n}, m={m}")
+    d = 1 if weight.dim() >= 2 else 0
+    c = weight.shape[d]
+    if c % m:
+        raise ValueError(f"input dimension {c} is not a multiple of m={m}")
+    outer = math.prod(weight.shape[:d])
+    inner = math.prod(weight.shape[d + 1 :])
+    shape = weight.shape
+
+    def to2d(t: Tensor) -> Tensor:  # (outer, C/m, m, inner) -> segments of m
+        return t.reshape(outer, c // m, m, inner).permute(0, 1, 3, 2).reshape(-1, m)
+
+    def from2d(t: Tensor) -> Tensor:
+        return t.reshape(outer, c // m, inner, m).permute(0, 1, 3, 2).reshape(shape)
+
+    return _apply_segments(weight, curvature, mask, to2d, from2d, m - n, factor, skip_nonfinite)
