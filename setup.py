@@ -40,7 +40,8 @@ def rel(paths):
 def extension():
     cuda = want_cuda()
     sources = rel([os.path.join(ROOT, "csrc", "ops.cpp")] + glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp")))
-    cxx = ["-O3", "-std=c++17", "-fopenmp"]
+    # The C++ standard is left to torch.utils.cpp_extension (torch 2.13 needs C++20).
+    cxx = ["-O3", "-fopenmp"]
     define_macros = [("Py_LIMITED_API", "0x03090000")]
     if cuda:
         sources += rel(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cpp")))
@@ -51,7 +52,7 @@ def extension():
             a = a.strip().replace(".", "")
             if a:
                 gencode += [f"-gencode=arch=compute_{a},code=sm_{a}"]
-        nvcc = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"] + gencode
+        nvcc = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"] + gencode
         ext = cpp_extension.CUDAExtension(
             "obd_ext._C",
             sources,

@@ -84,6 +84,19 @@ inline void check_single(const char* op, const at::Tensor& w, const at::Tensor& 
   check_factor(op, factor);
 }
 
+// k of the global selection: deleted entries wanted in total, at most the
+// entries that can be deleted (non-finite ones skipped cannot).
+inline void check_global_k(const char* op, int64_t k, int64_t total, int64_t nonfinite) {
+  const int64_t prunable = total - nonfinite;
+  TORCH_CHECK(k >= 0 && k <= prunable, "obd_ext.", op, ": k must be in [0, ", prunable, "] (the pool has ", total,
+              " entries", nonfinite ? ", minus the non-finite ones" : "", "), got ", k);
+}
+
+inline void check_row_k(const char* op, int64_t k, int64_t cols, const at::Tensor& w) {
+  TORCH_CHECK(k >= 0 && k <= cols, "obd_ext.", op, ": k (entries to delete per row) must be in [0, ", cols,
+              "] for a weight of shape ", w.sizes(), ", got ", k);
+}
+
 // Rows of a weight: dim 0, everything else flattened (a conv's output channel).
 inline std::pair<int64_t, int64_t> rows_cols(const at::Tensor& w) {
   if (w.dim() == 0) return {1, 1};

@@ -5,6 +5,8 @@ lowest-saliency weights over a whole model, with CPU and CUDA kernels
 registered under ``torch.ops.obd_ext``.
 """
 
+import torch  # noqa: F401  (must load before _C: it links against libtorch)
+
 from . import _C  # noqa: F401  loads the kernels and registers torch.ops.obd_ext
 from . import ops, reference
 from .ops import group_saliency, saliency
@@ -48,6 +50,4 @@ __all__ = [
 
 def has_cuda_kernels() -> bool:
     """Whether this build of obd_ext registered CUDA kernels."""
-    import torch
-
     return torch._C._dispatch_has_kernel_for_dispatch_key("obd_ext::saliency", "CUDA")

@@ -135,9 +135,7 @@ class GlobalSelect {
       const auto& p = pool_[bad_member_];
       throw_nonfinite("global_select_", "weights", "curvatures", bad_member_, p.w, p.h, bad_offset_);
     }
-    const int64_t prunable = total_ - nonfinite_;
-    TORCH_CHECK(k >= 0 && k <= prunable, "obd_ext.global_select_: k must be in [0, ", prunable,
-                "] (the pool has ", total_, " entries", nonfinite_ ? ", minus non-finite ones" : "", "), got ", k);
+    check_global_k("global_select_", k, total_, skip_ ? nonfinite_ : 0);
     auto stats = at::zeros({kNumStats}, stats_like.options().dtype(at::kDouble).device(at::kCPU));
     double* st = stats.mutable_data_ptr<double>();
     st[kStatDeletedBefore] = static_cast<double>(masked_);

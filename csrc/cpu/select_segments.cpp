@@ -168,8 +168,7 @@ at::Tensor row_select_cpu(const at::Tensor& weight, const at::Tensor& curvature,
                           c10::optional<double> factor, bool skip_nonfinite) {
   check_single("row_select_", weight, curvature, mask, factor);
   const auto [rows, cols] = rows_cols(weight);
-  TORCH_CHECK(k >= 0 && k <= cols, "obd_ext.row_select_: k (entries to delete per row) must be in [0, ", cols,
-              "] for a weight of shape ", weight.sizes(), ", got ", k);
+  check_row_k("row_select_", k, cols, weight);
   return segmented_select("row_select_", weight, curvature, mask, Segments{rows, cols, 1, 1, 1}, k, factor,
                           skip_nonfinite);
 }

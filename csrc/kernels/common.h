@@ -99,3 +99,107 @@ enum StatIndex : int {
 constexpr int kCpuDigitBits = 16;
 
 }  // namespace obd
+
+// ---------------------------------------------------------------------------
+// Device-side loads and stores of any supported dtype, chosen at run time.
+// The dtype is uniform across a tensor, so the switch never diverges within
+// a warp; it keeps one kernel instantiation for every mix of dtypes.
+// ---------------------------------------------------------------------------
+#if defined(__CUDACC__)
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+namespace obd {
+
+struct Operand {
+  const void* data;
+  Dtype dtype;
+};
+
+__device__ __forceinline__ float load_float(const void* p, Dtype t, int64_t i) {
+  switch (t) {
+    case Dtype::F32: return static_cast<const float*>(p)[i];
+    case Dtype::F64: return static_cast<float>(static_cast<const double*>(p)[i]);
+    case Dtype::F16: return __half2float(static_cast<const __half*>(p)[i]);
+    default: return __bfloat162float(static_cast<const __nv_bfloat16*>(p)[i]);
+  }
+}
+
+__device__ __forceinline__ double load_double(const void* p, Dtype t, int64_t i) {
+  if (t == Dtype::F64) return static_cast<const double*>(p)[i];
+  return static_cast<double>(load_float(p, t, i));
+}
+
+// Rounds like the CPU kernels: double -> float -> (half | bfloat16).
+__device__ __forceinline__ void store_double(void* p, Dtype t, int64_t i, double v) {
+  switch (t) {
+    case Dtype::F32: static_cast<float*>(p)[i] = static_cast<float>(v); break;
+    case Dtype::F64: static_cast<double*>(p)[i] = v; break;
+    case Dtype::F16: static_cast<__half*>(p)[i] = __float2half_rn(static_cast<float>(v)); break;
+    default: static_cast<__nv_bfloat16*>(p)[i] = __float2bfloat16_rn(static_cast<float>(v)); break;
+  }
+}
+
+__device__ __forceinline__ bool finite_at(const void* p, Dtype t, int64_t i) {
+  return t == Dtype::F64 ? isfinite(static_cast<const double*>(p)[i]) : isfinite(load_float(p, t, i));
+}
+
+// Saliency of entry i in the precision of the pair (double if either is F64),
+// or the score itself when there is no weight (w.data == nullptr).
+__device__ __forceinline__ double saliency_at_double(Operand w, Operand h, int64_t i) {
+  if (w.data == nullptr) return load_double(h.data, h.dtype, i);
+  return saliency_of<double>(load_double(w.data, w.dtype, i), load_double(h.data, h.dtype, i));
+}
+__device__ __forceinline__ float saliency_at_float(Operand w, Operand h, int64_t i) {
+  if (w.data == nullptr) return load_float(h.data, h.dtype, i);
+  return saliency_of<float>(load_float(w.data, w.dtype, i), load_float(h.data, h.dtype, i));
+}
+__device__ __forceinline__ bool wide(Operand w, Operand h) {
+  return h.dtype == Dtype::F64 || (w.data != nullptr && w.dtype == Dtype::F64);
+}
+
+// State of one pool entry for the selection kernels.
+enum : int { kAlive = 0, kMasked = 1, kNonfinite = 2 };
+
+// Order-preserving key of entry i's saliency (see key_of), and its state:
+// masked (already deleted), non-finite (w or h is NaN/Inf) or alive.
+template <typename Key>
+__device__ __forceinline__ Key element_key(Operand w, Operand h, const uint8_t* mask, int64_t i, int* state) {
+  if (!mask[i]) {
+    *state = kMasked;
+    return Key(0);
+  }
+  const bool ok = finite_at(h.data, h.dtype, i) && (w.data == nullptr || finite_at(w.data, w.dtype, i));
+  if (!ok) {
+    *state = kNonfinite;
+    return Key(0);
+  }
+  *state = kAlive;
+  if constexpr (sizeof(Key) == 8) {
+    if (wide(w, h)) return key_of(saliency_at_double(w, h, i));
+    return KeyOf<uint64_t>::get(saliency_at_float(w, h, i));
+  } else {
+    return key_of(saliency_at_float(w, h, i));
+  }
+}
+
+// Deletes entry i: mask false and, if asked, the weight multiplied by factor
+// (an exact zero for factor 0).
+__device__ __forceinline__ void delete_entry(void* w, Dtype wd, uint8_t* mask, int64_t i, bool write_weights,
+                                             double factor) {
+  mask[i] = 0;
+  if (write_weights && w != nullptr) store_double(w, wd, i, factor == 0.0 ? 0.0 : load_double(w, wd, i) * factor);
+}
+
+// Launch geometry shared by the kernels.
+constexpr int kThreads = 256;
+
+inline int grid_for(int64_t work_items, int per_block, int max_blocks = 65535 * 4) {
+  int64_t b = (work_items + per_block - 1) / per_block;
+  if (b < 1) b = 1;
+  if (b > max_blocks) b = max_blocks;
+  return static_cast<int>(b);
+}
+
+}  // namespace obd
+#endif  // __CUDACC__
