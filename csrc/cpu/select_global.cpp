@@ -33,6 +33,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <cstdlib>
 #include <limits>
 #include <mutex>
 #include <vector>
@@ -54,6 +55,13 @@ constexpr double kCandidateBytesPerElement = 0.05;
 constexpr int64_t kMinCandidates = 1 << 16;
 
 enum : int { kAlive = 0, kMasked = 1, kNonfinite = 2 };
+
+// Test hook: OBD_EXT_CANDIDATE_CAP overrides the candidate buffer size so that
+// small inputs exercise every path (refinement passes, the tie quotas).
+int64_t candidate_cap(int64_t fallback) {
+  const char* env = std::getenv("OBD_EXT_CANDIDATE_CAP");
+  return env ? std::max<int64_t>(0, std::atoll(env)) : fallback;
+}
 
 struct NoWeight {};
 
@@ -150,8 +158,8 @@ class GlobalSelect {
     int pbits = 0;
     int64_t r = want;  // entries still to take among those matching the prefix
     int64_t count = 0; // entries matching the prefix
-    const int64_t cap = std::max<int64_t>(
-        kMinCandidates, static_cast<int64_t>(kCandidateBytesPerElement * total_ / sizeof(Candidate<Key>)));
+    const int64_t cap = candidate_cap(
+        std::max<int64_t>(kMinCandidates, static_cast<int64_t>(kCandidateBytesPerElement * total_ / sizeof(Candidate<Key>))));
     while (true) {
       if (pbits > 0) hist = histogram(pbits, prefix, false);
       int64_t below = 0, b = 0;

@@ -22,6 +22,7 @@
 #include <cub/device/device_scan.cuh>
 
 #include <algorithm>
+#include <cstdlib>
 #include <vector>
 
 #include "select_global.cuh"
@@ -293,7 +294,11 @@ Layout plan(const GlobalSelectParams& p) {
   Layout l{};
   l.n_chunks = count_chunks(p);
   const int64_t n = pool_size(p);
+  // 40 bytes per candidate: key, position, their sort buffers, saliency.
   l.cap = std::max<int64_t>(kMinCandidates, static_cast<int64_t>(kCandidateBytesPerElement * n / 40.0));
+  // Test hook, as on the CPU: OBD_EXT_CANDIDATE_CAP shrinks the buffer so
+  // that small inputs exercise the refinement passes and the tie quotas.
+  if (const char* env = std::getenv("OBD_EXT_CANDIDATE_CAP")) l.cap = std::max<int64_t>(1, std::atoll(env));
   size_t off = 0;
   auto take = [&](size_t bytes) {
     const size_t at = off;
