@@ -97,6 +97,12 @@ inline void check_row_k(const char* op, int64_t k, int64_t cols, const at::Tenso
               "] for a weight of shape ", w.sizes(), ", got ", k);
 }
 
+// A segment (row, N:M group) whose non-finite entries leave too few to delete.
+[[noreturn]] inline void throw_short_segment(const char* op, int64_t segment, int64_t target) {
+  TORCH_CHECK(false, "obd_ext.", op, ": segment ", segment, " has too few deletable entries (the rest are ",
+              "non-finite and skipped) for the ", target, " to delete");
+}
+
 // Rows of a weight: dim 0, everything else flattened (a conv's output channel).
 inline std::pair<int64_t, int64_t> rows_cols(const at::Tensor& w) {
   if (w.dim() == 0) return {1, 1};

@@ -168,7 +168,7 @@ def row_select_(
 ) -> Tensor:
     """Each output row (dim 0) its own pool, ``k`` deleted entries wanted per row."""
     rows = weight.shape[0] if weight.dim() else 1
-    cols = weight.numel() // rows if rows else 0
+    cols = math.prod(weight.shape[1:])
     if not 0 <= k <= cols:
         raise ValueError(f"k must be in [0, {cols}], got {k}")
     shape = weight.shape

@@ -57,6 +57,31 @@ int64_t first_nonfinite(const W* w, const H* h, const uint8_t* mask, int64_t n) 
   return first;
 }
 
+// First segment (in order) whose deletable entries are fewer than it must
+// delete, or -1.
+template <typename W, typename H>
+int64_t first_short_segment(const W* w, const H* h, const uint8_t* mask, const Segments& seg, int64_t target) {
+  int64_t first = -1;
+  std::mutex mu;
+  at::parallel_for(0, seg.count, 1, [&](int64_t sb, int64_t se) {
+    for (int64_t s = sb; s < se; ++s) {
+      const int64_t base = seg.base(s);
+      int64_t masked = 0, deletable = 0;
+      for (int64_t j = 0; j < seg.len; ++j) {
+        const int64_t i = base + j * seg.stride;
+        masked += !mask[i];
+        deletable += mask[i] && finite(w[i]) && finite(h[i]);
+      }
+      if (target - masked > deletable) {
+        std::lock_guard<std::mutex> lock(mu);
+        if (first < 0 || s < first) first = s;
+        return;
+      }
+    }
+  });
+  return first;
+}
+
 at::Tensor segmented_select(const char* op, const at::Tensor& weight, const at::Tensor& curvature,
                             const at::Tensor& mask, const Segments& seg, int64_t target,
                             const c10::optional<double>& factor, bool skip_nonfinite) {
@@ -75,10 +100,13 @@ at::Tensor segmented_select(const char* op, const at::Tensor& weight, const at::
     using Key = std::conditional_t<std::is_same_v<S, double>, uint64_t, uint32_t>;
     W* wp = w.mutable_data_ptr<W>();
     const H* hp = h.const_data_ptr<H>();
+    // Errors are found before anything is written, so they leave the inputs as they were.
     if (!skip_nonfinite) {
-      // Checked before anything is written, so an error leaves the inputs as they were.
       const int64_t bad = first_nonfinite(wp, hp, mp, w.numel());
       if (bad >= 0) throw_nonfinite(op, "weight", "curvature", -1, w, h, bad);
+    } else {
+      const int64_t bad = first_short_segment(wp, hp, mp, seg, target);
+      if (bad >= 0) throw_short_segment(op, bad, target);
     }
     struct Entry {
       Key key;
@@ -87,13 +115,13 @@ at::Tensor segmented_select(const char* op, const at::Tensor& weight, const at::
     };
     std::vector<double> seg_sum(seg.count, 0.0);
     std::mutex mu;
-    int64_t deleted_now = 0, deleted_before = 0, skipped = 0, short_seg = -1, short_have = 0;
+    int64_t deleted_now = 0, deleted_before = 0, skipped = 0;
     Key max_key = 0;
     bool any = false;
     at::parallel_for(0, seg.count, 1, [&](int64_t sb, int64_t se) {
       std::vector<Entry> buf;
       buf.reserve(seg.len);
-      int64_t now = 0, before = 0, skip = 0, bad_seg = -1, bad_have = 0;
+      int64_t now = 0, before = 0, skip = 0;
       Key mk = 0;
       bool a = false;
       for (int64_t s = sb; s < se; ++s) {
@@ -115,13 +143,7 @@ at::Tensor segmented_select(const char* op, const at::Tensor& weight, const at::
         before += masked;
         const int64_t want = target - masked;
         if (want <= 0) continue;
-        if (want > static_cast<int64_t>(buf.size())) {
-          if (bad_seg < 0) {
-            bad_seg = s;
-            bad_have = masked + static_cast<int64_t>(buf.size());
-          }
-          continue;
-        }
+        TORCH_INTERNAL_ASSERT(want <= static_cast<int64_t>(buf.size()), "obd_ext: short segment after the check");
         std::nth_element(buf.begin(), buf.begin() + (want - 1), buf.end());
         std::sort(buf.begin(), buf.begin() + want);
         double sum = 0.0;
@@ -141,16 +163,9 @@ at::Tensor segmented_select(const char* op, const at::Tensor& weight, const at::
       deleted_now += now;
       deleted_before += before;
       skipped += skip;
-      if (bad_seg >= 0 && (short_seg < 0 || bad_seg < short_seg)) {
-        short_seg = bad_seg;
-        short_have = bad_have;
-      }
       if (a) max_key = any ? std::max(max_key, mk) : mk;
       any = any || a;
     });
-    TORCH_CHECK(short_seg < 0, "obd_ext.", op, ": segment ", short_seg, " (starting at flat index ",
-                seg.base(short_seg), ") has only ", short_have, " deletable entries (the rest are non-finite), ",
-                "fewer than the ", target, " to delete");
     double sum = 0.0;
     for (double v : seg_sum) sum += v;  // in segment order: deterministic
     st[kStatDeletedNow] = static_cast<double>(deleted_now);

@@ -97,8 +97,7 @@ at::Tensor segmented_select_cuda(const char* op, const at::Tensor& weight, const
     p.check_only = true;
     check_cuda(launch(p, stream), op);
     const int64_t short_seg = counters.select(0, kernels::kSegShort).item<int64_t>();
-    TORCH_CHECK(short_seg < 0, "obd_ext.", op, ": segment ", short_seg,
-                " has too few deletable entries (the rest are non-finite) for the ", target, " to delete");
+    if (short_seg >= 0) throw_short_segment(op, short_seg, target);
     p.check_only = false;
     reset();
   }
