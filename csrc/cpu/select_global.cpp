@@ -34,7 +34,9 @@
 #include <atomic>
 #include <cmath>
 #include <cstdlib>
+#include <cstring>
 #include <limits>
+#include <memory>
 #include <mutex>
 #include <vector>
 
@@ -65,11 +67,17 @@ int64_t candidate_cap(int64_t fallback) {
 
 struct NoWeight {};
 
-template <typename T>
-inline bool finite(T v) {
-  return std::isfinite(static_cast<float>(v));
+// Finiteness from the bit pattern: plain integer ops, so the loops vectorise.
+inline bool finite_bits(float v) {
+  uint32_t u;
+  std::memcpy(&u, &v, sizeof(u));
+  return (u & 0x7F800000u) != 0x7F800000u;
 }
-inline bool finite(double v) { return std::isfinite(v); }
+inline bool finite_bits(double v) {
+  uint64_t u;
+  std::memcpy(&u, &v, sizeof(u));
+  return (u & 0x7FF0000000000000ull) != 0x7FF0000000000000ull;
+}
 
 struct Chunk {
   int32_t member;
@@ -88,37 +96,52 @@ struct Candidate {
   }
 };
 
-// Per-chunk visitor: calls f(i, state, key, s) for every element of the
-// chunk, with s the saliency (or score) in precision S.
-template <typename Key, typename W, typename H, typename F>
-inline void visit_chunk(const PoolMember& p, const Chunk& c, bool skip_nonfinite, F&& f) {
+// Elements are processed in blocks: one branch-free loop computes every key
+// and state of a block (it vectorises), then each pass runs its own short
+// loop over the block's arrays.
+constexpr int kBlock = 1024;
+
+template <typename Key>
+struct Block {
+  int64_t begin = 0;  // flat index of element 0 of the block
+  int n = 0;
+  alignas(64) Key key[kBlock];
+  alignas(64) uint8_t state[kBlock];
+};
+
+template <typename Key, typename W, typename H>
+inline void load_block(const W* wp, const H* hp, const uint8_t* mp, int64_t b, int n, Block<Key>& blk) {
   using S = std::conditional_t<std::is_same_v<W, NoWeight>, std::conditional_t<std::is_same_v<H, double>, double, float>,
                                acc_t<W, H>>;
-  const H* hp = p.h.const_data_ptr<H>();
-  const uint8_t* mp = reinterpret_cast<const uint8_t*>(p.mask.const_data_ptr<bool>());
-  const W* wp = nullptr;
-  if constexpr (!std::is_same_v<W, NoWeight>) wp = p.w.const_data_ptr<W>();
-  for (int64_t i = c.begin; i < c.end; ++i) {
-    if (!mp[i]) {
-      f(i, kMasked, Key(0), S(0));
-      continue;
-    }
+  blk.begin = b;
+  blk.n = n;
+  for (int j = 0; j < n; ++j) {
+    const S h = static_cast<S>(hp[b + j]);
     S s;
     bool ok;
     if constexpr (std::is_same_v<W, NoWeight>) {
-      s = static_cast<S>(hp[i]);
-      ok = finite(hp[i]);
+      s = h;
+      ok = finite_bits(h);
     } else {
-      ok = finite(wp[i]) && finite(hp[i]);
-      s = saliency_of<S>(static_cast<S>(wp[i]), static_cast<S>(hp[i]));
+      const S w = static_cast<S>(wp[b + j]);
+      s = saliency_of<S>(w, h);
+      ok = finite_bits(w) & finite_bits(h);
     }
-    (void)skip_nonfinite;
-    if (!ok) {
-      f(i, kNonfinite, Key(0), S(0));
-      continue;
-    }
-    f(i, kAlive, KeyOf<Key>::get(s), s);
+    blk.key[j] = KeyOf<Key>::get(s);
+    blk.state[j] = mp[b + j] ? (ok ? kAlive : kNonfinite) : kMasked;
   }
+}
+
+// The saliency of `key` if `keep`, else +0.0, selected on the bits (a
+// multiplication by 0 would turn an infinite saliency into NaN).
+template <typename Key>
+inline auto masked_value(Key key, uint8_t keep) {
+  auto v = value_of_key(key);
+  Key bits;
+  std::memcpy(&bits, &v, sizeof(bits));
+  bits &= Key(0) - Key(keep);
+  std::memcpy(&v, &bits, sizeof(bits));
+  return v;
 }
 
 template <typename Key>
@@ -218,54 +241,85 @@ class GlobalSelect {
     bool any = false;
   };
 
-  // Calls f<Key>(i, state, key, s) over the chunk with the member's dtypes.
+  // Calls f(block) for every block of the chunk, keys and states filled in
+  // with the member's dtypes.
   template <typename F>
-  void for_chunk(const Chunk& c, F&& f) {
+  void for_chunk(const Chunk& c, Block<Key>& blk, F&& f) {
     const PoolMember& p = pool_[c.member];
-    const at::ScalarType hs = p.h.scalar_type();
+    const uint8_t* mp = reinterpret_cast<const uint8_t*>(p.mask.const_data_ptr<bool>());
+    auto run = [&](const auto* wp, const auto* hp) {
+      for (int64_t b = c.begin; b < c.end; b += kBlock) {
+        load_block<Key>(wp, hp, mp, b, static_cast<int>(std::min<int64_t>(kBlock, c.end - b)), blk);
+        f(blk);
+      }
+    };
     if (!p.w.defined()) {
-      dispatch_float(hs, [&](auto ht) {
+      dispatch_float(p.h.scalar_type(), [&](auto ht) {
         using H = typename decltype(ht)::type;
-        visit_chunk<Key, NoWeight, H>(p, c, skip_, f);
+        run(static_cast<const NoWeight*>(nullptr), p.h.const_data_ptr<H>());
       });
     } else {
-      dispatch_pair(p.w.scalar_type(), hs, [&](auto wt, auto ht) {
+      dispatch_pair(p.w.scalar_type(), p.h.scalar_type(), [&](auto wt, auto ht) {
         using W = typename decltype(wt)::type;
         using H = typename decltype(ht)::type;
-        visit_chunk<Key, W, H>(p, c, skip_, f);
+        run(p.w.const_data_ptr<W>(), p.h.const_data_ptr<H>());
       });
     }
-  }
-
-  static bool matches(Key key, Key prefix, int pbits) {
-    return pbits == 0 || (key >> (kKeyBits - pbits)) == prefix;
   }
 
   std::vector<uint64_t> histogram(int pbits, Key prefix, bool first) {
     std::vector<uint64_t> hist(kBins, 0);
     std::mutex mu;
     const int shift = kKeyBits - pbits - kDigit;
+    // Entries outside the prefix add 0 to some bin: no branch to mispredict.
+    const int pshift = pbits == 0 ? 0 : kKeyBits - pbits;
+    const Key want_top = pbits == 0 ? Key(0) : prefix;
+    const Key top_mask = pbits == 0 ? Key(0) : ~Key(0);
     at::parallel_for(0, static_cast<int64_t>(chunks_.size()), 1, [&](int64_t cb, int64_t ce) {
-      std::vector<uint64_t> local(kBins, 0);
-      int64_t masked = 0, nonfinite = 0, bad_chunk = -1, bad_offset = -1;
+      // 32-bit counts (256 KiB: stays in L2), flushed before they could overflow.
+      std::vector<uint32_t> local(kBins, 0);
+      std::vector<uint64_t> wide(kBins, 0);
+      auto blk = std::make_unique<Block<Key>>();
+      int64_t masked = 0, nonfinite = 0, bad_chunk = -1, bad_offset = -1, since_flush = 0;
+      auto flush = [&]() {
+        for (int64_t b = 0; b < kBins; ++b) wide[b] += local[b];
+        std::fill(local.begin(), local.end(), 0u);
+        since_flush = 0;
+      };
       for (int64_t ci = cb; ci < ce; ++ci) {
         const Chunk& c = chunks_[ci];
-        for_chunk(c, [&](int64_t i, int state, Key key, auto) {
-          if (state == kAlive) {
-            if (matches(key, prefix, pbits)) ++local[(key >> shift) & (kBins - 1)];
-          } else if (state == kMasked) {
-            ++masked;
-          } else {
-            ++nonfinite;
-            if (bad_chunk < 0) {
-              bad_chunk = ci;
-              bad_offset = i;
-            }
+        if (since_flush + (c.end - c.begin) >= (int64_t{1} << 32) - 1) flush();
+        since_flush += c.end - c.begin;
+        for_chunk(c, *blk, [&](const Block<Key>& bl) {
+          const int n = bl.n;
+          const Key* __restrict key = bl.key;
+          const uint8_t* __restrict state = bl.state;
+          uint32_t* __restrict counts = local.data();
+          for (int j = 0; j < n; ++j) {
+            const bool hit = (state[j] == kAlive) & (((key[j] >> pshift) & top_mask) == want_top);
+            counts[(key[j] >> shift) & (kBins - 1)] += hit;
+          }
+          int nm = 0, nn = 0;
+          for (int j = 0; j < n; ++j) {
+            nm += state[j] == kMasked;
+            nn += state[j] == kNonfinite;
+          }
+          if (!first) return;
+          masked += nm;
+          nonfinite += nn;
+          if (nn && bad_chunk < 0) {
+            bad_chunk = ci;
+            for (int j = 0; j < bl.n; ++j)
+              if (bl.state[j] == kNonfinite) {
+                bad_offset = bl.begin + j;
+                break;
+              }
           }
         });
       }
+      flush();
       std::lock_guard<std::mutex> lock(mu);
-      for (int64_t b = 0; b < kBins; ++b) hist[b] += local[b];
+      for (int64_t b = 0; b < kBins; ++b) hist[b] += wide[b];
       if (first) {
         masked_ += masked;
         nonfinite_ += nonfinite;
@@ -285,9 +339,13 @@ class GlobalSelect {
     const int64_t nc = static_cast<int64_t>(chunks_.size());
     std::vector<int64_t> cnt(nc, 0);
     at::parallel_for(0, nc, 1, [&](int64_t cb, int64_t ce) {
+      auto blk = std::make_unique<Block<Key>>();
       for (int64_t ci = cb; ci < ce; ++ci) {
         int64_t c = 0;
-        for_chunk(chunks_[ci], [&](int64_t, int state, Key k, auto) { c += (state == kAlive && k == key); });
+        for_chunk(chunks_[ci], *blk, [&](const Block<Key>& bl) {
+          const int n = bl.n;
+          for (int j = 0; j < n; ++j) c += (bl.state[j] == kAlive) & (bl.key[j] == key);
+        });
         cnt[ci] = c;
       }
     });
@@ -300,9 +358,8 @@ class GlobalSelect {
     return cnt;
   }
 
-  void delete_entry(PoolMember& p, int64_t i) {
-    p.mask.mutable_data_ptr<bool>()[i] = false;
-    if (!factor_.has_value() || !p.w.defined()) return;
+  // Scales one deleted weight (the candidates and the factor != 0 variant).
+  void scale_entry(PoolMember& p, int64_t i) {
     dispatch_float(p.w.scalar_type(), [&](auto wt) {
       using W = typename decltype(wt)::type;
       W* wp = p.w.mutable_data_ptr<W>();
@@ -312,8 +369,40 @@ class GlobalSelect {
     });
   }
 
+  void delete_entry(PoolMember& p, int64_t i) {
+    p.mask.mutable_data_ptr<bool>()[i] = false;
+    if (factor_.has_value() && p.w.defined()) scale_entry(p, i);
+  }
+
+  // Applies a block's decisions: masks, and weights zeroed (branch-free on the
+  // raw bits, so it vectorises) or scaled.
+  void apply_block(PoolMember& p, const Block<Key>& bl, const uint8_t* del) {
+    const int n = bl.n;
+    uint8_t* __restrict mp = reinterpret_cast<uint8_t*>(p.mask.mutable_data_ptr<bool>()) + bl.begin;
+    for (int j = 0; j < n; ++j) mp[j] &= static_cast<uint8_t>(!del[j]);
+    if (!factor_.has_value() || !p.w.defined()) return;
+    if (*factor_ == 0.0) {
+      auto zero = [&](auto* __restrict wp) {
+        for (int j = 0; j < n; ++j) wp[j] = del[j] ? 0 : wp[j];
+      };
+      const size_t es = p.w.element_size();
+      char* base = static_cast<char*>(p.w.data_ptr()) + bl.begin * static_cast<int64_t>(es);
+      if (es == 2) zero(reinterpret_cast<uint16_t*>(base));
+      else if (es == 4) zero(reinterpret_cast<uint32_t*>(base));
+      else zero(reinterpret_cast<uint64_t*>(base));
+      return;
+    }
+    for (int j = 0; j < n; ++j)
+      if (del[j]) scale_entry(p, bl.begin + j);
+  }
+
+  // The fused write pass. Entries below the prefix are deleted; entries in the
+  // prefix's bin are all deleted (kTakeAll), deleted up to the chunk's quota in
+  // index order (kTies), or buffered (kCandidates). The largest deleted key
+  // lies in the prefix's bin in every mode, so only bin entries are tracked.
   Outcome write_pass(Key prefix, int pbits, Mode mode, const std::vector<int64_t>& quota,
                      std::vector<Candidate<Key>>& cands) {
+    using Val = decltype(value_of_key(Key(0)));
     const int64_t nc = static_cast<int64_t>(chunks_.size());
     const int shift = kKeyBits - pbits;
     std::vector<double> chunk_sum(nc, 0.0);
@@ -321,44 +410,79 @@ class GlobalSelect {
     std::mutex mu;
     Outcome total;
     at::parallel_for(0, nc, 1, [&](int64_t cb, int64_t ce) {
+      // Locals, not captures: the byte stores below could alias a capture.
+      const int sh = shift;
+      const Key pre = prefix;
+      const bool take_all = mode == Mode::kTakeAll;
+      const Key pre_hi = take_all ? static_cast<Key>(pre + 1) : pre;  // top < pre_hi is deleted
+      const bool last_bin = take_all && pre == static_cast<Key>(~Key(0) >> sh);  // pre + 1 wrapped
       int64_t deleted = 0;
       Key max_key = 0;
-      bool any = false;
+      auto blk = std::make_unique<Block<Key>>();
+      alignas(64) uint8_t del[kBlock];
+      alignas(64) Val val[kBlock];  // deleted saliency, or +0.0
       for (int64_t ci = cb; ci < ce; ++ci) {
         const Chunk& c = chunks_[ci];
         PoolMember& p = pool_[c.member];
         int64_t left = mode == Mode::kTies ? quota[ci] : 0;
-        double sum = 0.0;
-        for_chunk(c, [&](int64_t i, int state, Key key, auto s) {
-          if (state != kAlive) return;
-          const Key top = static_cast<Key>(key >> shift);
-          bool del = top < prefix;
-          if (top == prefix) {
-            if (mode == Mode::kTakeAll) {
-              del = true;
-            } else if (mode == Mode::kTies) {
-              del = left > 0;
-              left -= del;
-            } else {
-              cands[ncands.fetch_add(1, std::memory_order_relaxed)] = {key, c.member, i};
+        // Eight fixed accumulation lanes: vectorisable, and the same order for
+        // any thread count.
+        double lanes[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+        for_chunk(c, *blk, [&](const Block<Key>& bl) {
+          const int n = bl.n;
+          const Key* __restrict key = bl.key;
+          const uint8_t* __restrict state = bl.state;
+          uint8_t* __restrict dl = del;
+          Val* __restrict vl = val;
+          int nd = 0, nb = 0;
+          for (int j = 0; j < n; ++j) {
+            const Key top = static_cast<Key>(key[j] >> sh);
+            const bool alive = state[j] == kAlive;
+            const uint8_t d = alive & ((top < pre_hi) | last_bin);
+            dl[j] = d;
+            nd += d;
+            nb += alive & (top == pre);
+            vl[j] = masked_value(key[j], d);
+          }
+          if (nb) {
+            for (int j = 0; j < n; ++j) {
+              if (state[j] != kAlive || static_cast<Key>(key[j] >> sh) != pre) continue;
+              if (take_all) {
+                max_key = std::max(max_key, key[j]);
+              } else if (mode == Mode::kTies) {
+                if (left > 0) {
+                  dl[j] = 1;
+                  vl[j] = value_of_key(key[j]);
+                  max_key = key[j];
+                  --left;
+                  ++nd;
+                }
+              } else {
+                cands[ncands.fetch_add(1, std::memory_order_relaxed)] = {key[j], c.member, bl.begin + j};
+              }
             }
           }
-          if (!del) return;
-          delete_entry(p, i);
-          sum += static_cast<double>(s);
-          ++deleted;
-          max_key = any ? std::max(max_key, key) : key;
-          any = true;
+          if (nd == 0) return;
+          double ln[8] = {lanes[0], lanes[1], lanes[2], lanes[3], lanes[4], lanes[5], lanes[6], lanes[7]};
+          int j = 0;
+          for (; j + 8 <= n; j += 8)
+            for (int l = 0; l < 8; ++l) ln[l] += static_cast<double>(vl[j + l]);
+          for (; j < n; ++j) ln[j & 7] += static_cast<double>(vl[j]);
+          for (int l = 0; l < 8; ++l) lanes[l] = ln[l];
+          deleted += nd;
+          apply_block(p, bl, dl);
         });
+        double sum = 0.0;
+        for (double v : lanes) sum += v;
         chunk_sum[ci] = sum;
       }
       std::lock_guard<std::mutex> lock(mu);
       total.deleted += deleted;
-      if (any) total.max_key = total.any ? std::max(total.max_key, max_key) : max_key;
-      total.any = total.any || any;
+      total.max_key = std::max(total.max_key, max_key);
     });
     for (int64_t ci = 0; ci < nc; ++ci) total.sum += chunk_sum[ci];
     total.ncands = ncands.load();
+    total.any = total.deleted > 0 && mode != Mode::kCandidates;
     return total;
   }
 
