@@ -62,14 +62,23 @@ def nm_select_(
 # ---------------------------------------------------------------------------
 
 
+def _check_one_device(op: str, *tensors) -> None:
+    """The C++ rule "all tensors on one device", for traced calls (and meta/CPU mixes)."""
+    flat = [t for x in tensors for t in (x if isinstance(x, (list, tuple)) else [x]) if t is not None]
+    devices = sorted({str(t.device) for t in flat})
+    torch._check(len(devices) <= 1, lambda: f"obd_ext.{op}: all tensors must be on one device, got {devices}")
+
+
 @torch.library.register_fake("obd_ext::saliency")
 def _saliency_fake(weight: Tensor, hessian_diag: Tensor) -> Tensor:
+    _check_one_device("saliency", weight, hessian_diag)
     torch._check(weight.shape == hessian_diag.shape, lambda: "obd_ext.saliency: shapes differ")
     return weight.new_empty(weight.shape, dtype=saliency_dtype(weight, hessian_diag))
 
 
 @torch.library.register_fake("obd_ext::group_saliency")
 def _group_saliency_fake(weight: Tensor, hessian_diag: Tensor, dim: int) -> Tensor:
+    _check_one_device("group_saliency", weight, hessian_diag)
     torch._check(weight.shape == hessian_diag.shape, lambda: "obd_ext.group_saliency: shapes differ")
     return weight.new_empty((weight.shape[dim],), dtype=saliency_dtype(weight, hessian_diag))
 
@@ -81,16 +90,19 @@ def _stats_fake(like: Optional[Tensor]) -> Tensor:
 
 @torch.library.register_fake("obd_ext::global_select_")
 def _global_select_fake(weights, curvatures, masks, k, factor, skip_nonfinite) -> Tensor:
+    _check_one_device("global_select_", weights, curvatures, masks)
     return _stats_fake(curvatures[0] if len(curvatures) else None)
 
 
 @torch.library.register_fake("obd_ext::row_select_")
 def _row_select_fake(weight, curvature, mask, k, factor, skip_nonfinite) -> Tensor:
+    _check_one_device("row_select_", weight, curvature, mask)
     return _stats_fake(weight)
 
 
 @torch.library.register_fake("obd_ext::nm_select_")
 def _nm_select_fake(weight, curvature, mask, n, m, factor, skip_nonfinite) -> Tensor:
+    _check_one_device("nm_select_", weight, curvature, mask)
     return _stats_fake(weight)
 
 

@@ -72,19 +72,27 @@ class Selection:
     per_tensor: List["Selection"] = field(default_factory=list, repr=False)
 
     def _add(self, stats: Tensor) -> None:
+        """Accumulate the float64 statistics an op returned."""
         st = stats.tolist()
-        self.deleted_now += int(st[STAT_DELETED_NOW])
-        self.deleted_before += int(st[STAT_DELETED_BEFORE])
-        self.skipped_nonfinite += int(st[STAT_SKIPPED])
-        self.predicted_increase += st[STAT_SALIENCY_SUM]
-        if not math.isnan(st[STAT_MAX_DELETED]):
-            m = st[STAT_MAX_DELETED]
-            self.max_saliency = m if math.isnan(self.max_saliency) else max(self.max_saliency, m)
+        _merge(self, Selection([], int(st[STAT_DELETED_NOW]), int(st[STAT_DELETED_BEFORE]), int(st[STAT_SKIPPED]),
+                               st[STAT_MAX_DELETED], st[STAT_SALIENCY_SUM]))
 
     @property
     def sparsity(self) -> float:
         total = sum(m.numel() for m in self.masks)
         return (self.deleted_now + self.deleted_before) / total if total else 0.0
+
+
+def _merge(total: Selection, part: Selection) -> None:
+    """Add what ``part`` did to ``total`` (counts and sums add; the max is a max)."""
+    total.deleted_now += part.deleted_now
+    total.deleted_before += part.deleted_before
+    total.skipped_nonfinite += part.skipped_nonfinite
+    total.predicted_increase += part.predicted_increase
+    if not math.isnan(part.max_saliency):
+        total.max_saliency = (
+            part.max_saliency if math.isnan(total.max_saliency) else max(total.max_saliency, part.max_saliency)
+        )
 
 
 # ---------------------------------------------------------------------------
@@ -265,17 +273,6 @@ def prune_layers_(
         sel.per_tensor.append(part)
         _merge(sel, part)
     return sel
-
-
-def _merge(total: Selection, part: Selection) -> None:
-    total.deleted_now += part.deleted_now
-    total.deleted_before += part.deleted_before
-    total.skipped_nonfinite += part.skipped_nonfinite
-    total.predicted_increase += part.predicted_increase
-    if not math.isnan(part.max_saliency):
-        total.max_saliency = (
-            part.max_saliency if math.isnan(total.max_saliency) else max(total.max_saliency, part.max_saliency)
-        )
 
 
 def prune_rows_(

@@ -95,5 +95,10 @@ def test_bad_arguments():
         ops.nm_select_(w, h, m, 2, 4, None, False)
     with pytest.raises(RuntimeError, match=r"n \(entries kept per group\) must be in \[0, m=3\], got 5"):
         ops.nm_select_(w, h, m, 5, 3, None, False)
+    other = "cuda" if torch.cuda.is_available() else "meta"
+    with pytest.raises(RuntimeError, match="one device"):
+        ops.row_select_(w, h.to(other), m, 1, None, False)
+    with pytest.raises(RuntimeError, match="one device"):
+        ops.nm_select_(w, h, m.to(other), 2, 2, None, False)
     with pytest.raises(RuntimeError, match=r"mask must have the shape of weight"):
         ops.row_select_(w, h, m[:2], 1, None, False)
