@@ -1,0 +1,198 @@
+"""Per-parameter curvature for OBD saliency.
+
+``hessian_diag(model, loss_fn, data, method)`` returns one tensor per parameter:
+
+- ``obd``: the paper's back-propagated diagonal (eq. 7, with f'' terms); can be
+  negative away from a minimum (``Curvature.negative`` counts them);
+- ``lm``: Levenberg-Marquardt / Gauss-Newton (f'' dropped; never negative);
+- ``fisher``, ``ggn-mc``, ``hutchinson``, ``exact``: see estimators.py.
+
+``CurvatureAccumulator`` is the same sweep driven from the user's own training
+loop. The sweep walks the autograd graph (sweep.py, rules.py), so models need
+not be ``nn.Sequential``; a node without a rule is a clear error.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Iterable, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from .estimators import exact, hutchinson, per_sample_squared
+from .losses import Boundary, boundary_for
+from .rules import UnsupportedOpError
+from .sweep import sweep
+
+__all__ = ["METHODS", "Curvature", "hessian_diag", "CurvatureAccumulator", "UnsupportedOpError"]
+
+METHODS = ("obd", "lm", "fisher", "ggn-mc", "hutchinson", "exact")
+
+
+class Curvature(dict):
+    """name -> curvature tensor, with how it was obtained.
+
+    Attributes:
+        method: the estimator.
+        reduction: "mean" (averaged over batches) or "sum".
+        batches: number of batches seen.
+        negative: name -> number of negative entries (only ``obd``,
+            ``hutchinson`` and ``exact`` can have any).
+    """
+
+    def __init__(self, values: Dict[str, Tensor], method: str, reduction: str, batches: int):
+        super().__init__(values)
+        self.method = method
+        self.reduction = reduction
+        self.batches = batches
+        self.negative = {k: int((v < 0).sum()) for k, v in values.items()}
+
+    @property
+    def total_negative(self) -> int:
+        return sum(self.negative.values())
+
+
+def _check_method(method: str) -> str:
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    return method
+
+
+def _check_reduction(reduction: str) -> str:
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+    return reduction
+
+
+def _selected(model: nn.Module, params) -> Dict[str, Tensor]:
+    """The parameters to compute: given names / tensors, or every one that requires grad."""
+    named = dict(model.named_parameters())
+    if params is None:
+        return {k: v for k, v in named.items() if v.requires_grad}
+    by_id = {id(v): k for k, v in named.items()}
+    out = {}
+    for p in params:
+        if isinstance(p, str):
+            if p not in named:
+                raise ValueError(f"params: the model has no parameter named {p!r}")
+            out[p] = named[p]
+        else:
+            if id(p) not in by_id:
+                raise ValueError("params: a given tensor is not a parameter of the model")
+            out[by_id[id(p)]] = p
+    return {k: v for k, v in out.items() if v.requires_grad}
+
+
+def _batches(data) -> Iterable[Tuple[Tensor, Tensor]]:
+    if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, Tensor) for t in data):
+        return [tuple(data)]
+    return data
+
+
+class CurvatureAccumulator:
+    """Accumulate ``obd`` / ``lm`` curvature during the user's own forward passes.
+
+    Example::
+
+        acc = CurvatureAccumulator(model, nn.CrossEntropyLoss(), method="lm")
+        for x, y in loader:
+            out = model(x)
+            loss = acc.accumulate(out, y)     # the sweep; the graph stays intact
+            loss_fn(out, y).backward(); opt.step(); opt.zero_grad()
+        h = acc.result()                      # averaged over the batches seen
+    """
+
+    def __init__(self, model: nn.Module, loss_fn, method: str = "obd", params=None):
+        if _check_method(method) not in ("obd", "lm"):
+            raise ValueError(f"CurvatureAccumulator computes 'obd' or 'lm'; use hessian_diag for {method!r}")
+        self.model, self.method = model, method
+        self.boundary = boundary_for(loss_fn)
+        self.params = _selected(model, params)
+        self._names = {id(v): k for k, v in self.params.items()}
+        self._sum: Dict[str, Tensor] = {}
+        self.batches = 0
+
+    def accumulate(self, output: Tensor, target: Tensor) -> Tensor:
+        """Run the sweep from ``output`` (with its graph); returns the loss value (detached)."""
+        b: Boundary = self.boundary(output, target)
+        lm = self.method == "lm"
+        with torch.no_grad():
+            res = sweep(output, b.g, b.h_lm if lm else b.h_obd, lm, self._names)
+        for k, v in res.items():
+            self._sum[k] = v if k not in self._sum else self._sum[k] + v
+        self.batches += 1
+        return b.loss
+
+    def result(self, reduction: str = "mean") -> Curvature:
+        _check_reduction(reduction)
+        scale = 1.0 / max(self.batches, 1) if reduction == "mean" else 1.0
+        vals = {k: self._sum.get(k, torch.zeros_like(p)) * scale for k, p in self.params.items()}
+        return Curvature(vals, self.method, reduction, self.batches)
+
+    def __enter__(self) -> "CurvatureAccumulator":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+
+def hessian_diag(model: nn.Module, loss_fn, data, method: str = "obd", reduction: str = "mean",
+                 params=None, samples: int = 1, seed: Optional[int] = 0, progress: bool = True) -> Curvature:
+    """Per-parameter curvature of ``loss_fn(model(x), y)`` over ``data``.
+
+    Args:
+        model: any nn.Module; frozen parameters (requires_grad=False) are skipped.
+        loss_fn: nn.MSELoss / nn.CrossEntropyLoss / nn.BCEWithLogitsLoss or the
+            functional forms (any loss for ``hutchinson`` and ``exact``).
+        data: an iterable of (inputs, targets) batches, or one such pair.
+        method: one of METHODS.
+        reduction: "mean" averages the per-batch curvatures (the curvature of
+            the mean batch loss), "sum" adds them.
+        params: names or parameters to compute (default: all that require grad).
+        samples: Monte-Carlo samples per batch (``ggn-mc``, ``hutchinson``).
+        seed: seeds the Monte-Carlo draws (None: torch's global generator).
+        progress: show a tqdm bar over batches.
+
+    Returns:
+        A :class:`Curvature` (a dict name -> tensor of the parameter's shape).
+    """
+    _check_method(method)
+    _check_reduction(reduction)
+    if not isinstance(samples, int) or samples < 1:
+        raise ValueError(f"samples must be a positive integer, got {samples!r}")
+    selected = _selected(model, params)
+    gen = torch.Generator().manual_seed(seed) if seed is not None else None
+    if method in ("obd", "lm"):
+        acc = CurvatureAccumulator(model, loss_fn, method, list(selected))
+    total: Dict[str, Tensor] = {}
+    batches = _batches(data)
+    try:
+        from tqdm.auto import tqdm
+
+        batches = tqdm(batches, desc=f"curvature ({method})", disable=not progress, leave=False)
+    except ImportError:  # pragma: no cover - tqdm is a dependency
+        pass
+    count = 0
+    for x, y in batches:
+        count += 1
+        if method in ("obd", "lm"):
+            acc.accumulate(model(x), y)
+            continue
+        if method in ("fisher", "ggn-mc"):
+            part = per_sample_squared(model, loss_fn, x, y, selected, method == "ggn-mc", gen)
+            if method == "ggn-mc" and samples > 1:
+                for _ in range(samples - 1):
+                    more = per_sample_squared(model, loss_fn, x, y, selected, True, gen)
+                    part = {k: part[k] + more[k] for k in part}
+                part = {k: v / samples for k, v in part.items()}
+        else:
+            loss = loss_fn(model(x), y)
+            part = hutchinson(loss, selected, samples, gen) if method == "hutchinson" else exact(loss, selected)
+        for k, v in part.items():
+            total[k] = v.detach() if k not in total else total[k] + v.detach()
+    if method in ("obd", "lm"):
+        return acc.result(reduction)
+    scale = 1.0 / max(count, 1) if reduction == "mean" else 1.0
+    vals = {k: total.get(k, torch.zeros_like(p)) * scale for k, p in selected.items()}
+    return Curvature(vals, method, reduction, count)

@@ -1,0 +1,98 @@
+"""Curvature estimators other than the back-propagated diagonal, for comparison.
+
+- ``fisher``: empirical Fisher, ``c * sum_n (d l_n / d theta)^2`` with ``l_n``
+  the per-sample loss and ``c`` the loss's reduction factor;
+- ``ggn-mc``: the same with targets drawn from the model's own predictive
+  distribution (an unbiased estimate of the GGN diagonal);
+- ``hutchinson``: ``E[v * Hv]`` over Rademacher ``v`` (any model, any loss);
+- ``exact``: the Hessian's diagonal by autograd (small models, validation).
+
+Per-sample gradients come from torch.func in chunks of samples, so memory is
+bounded by ``chunk x parameters``.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Dict, List, Optional
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+from torch.func import functional_call, grad, vmap
+
+from .losses import boundary_for, sampled_targets
+
+__all__ = ["per_sample_squared", "hutchinson", "exact"]
+
+
+def _sum_loss(loss_fn) -> Callable[[Tensor, Tensor], Tensor]:
+    """The per-sample loss: the same loss with reduction 'sum' over one sample."""
+    if isinstance(loss_fn, nn.Module) and hasattr(loss_fn, "reduction"):
+        import copy
+
+        summed = copy.copy(loss_fn)
+        summed.reduction = "sum"
+        return summed
+    return lambda y, t: loss_fn(y, t, reduction="sum")
+
+
+def per_sample_squared(model: nn.Module, loss_fn, x: Tensor, y: Tensor, params: Dict[str, Tensor],
+                       sample_targets: bool, generator: Optional[torch.Generator], chunk: int = 64
+                       ) -> Dict[str, Tensor]:
+    """``c * sum_n g_n^2`` over the batch (empirical Fisher, or MC-GGN with sampled targets)."""
+    frozen = {k: v.detach() for k, v in model.named_parameters() if k not in params}
+    frozen.update({k: v.detach() for k, v in model.named_buffers()})
+    loss_n = _sum_loss(loss_fn)
+    with torch.no_grad():
+        out = model(x)
+    scale = boundary_for(loss_fn)(out, sampled_targets(out, loss_fn, generator) if sample_targets else y).scale
+    targets = sampled_targets(out, loss_fn, generator) if sample_targets else y
+
+    def one(p, xi, ti):
+        yi = functional_call(model, {**frozen, **p}, (xi.unsqueeze(0),))
+        return loss_n(yi, ti.unsqueeze(0))
+
+    g_fn = vmap(grad(one), in_dims=(None, 0, 0))
+    live = {k: v.detach() for k, v in params.items()}
+    acc = {k: torch.zeros_like(v) for k, v in live.items()}
+    for s in range(0, x.shape[0], chunk):
+        gs = g_fn(live, x[s:s + chunk], targets[s:s + chunk])
+        for k in acc:
+            acc[k] += (gs[k] * gs[k]).sum(0)
+    return {k: v * scale for k, v in acc.items()}
+
+
+def hutchinson(loss: Tensor, params: Dict[str, Tensor], samples: int, generator: Optional[torch.Generator]
+               ) -> Dict[str, Tensor]:
+    """``mean over v of v * (H v)``, Rademacher v, by double backward."""
+    names = list(params)
+    tensors = [params[k] for k in names]
+    grads = torch.autograd.grad(loss, tensors, create_graph=True)
+    acc = [torch.zeros_like(t) for t in tensors]
+    for _ in range(samples):
+        vs = [torch.randint(0, 2, t.shape, generator=generator, device="cpu").to(t.device, t.dtype) * 2 - 1
+              for t in tensors]
+        hv = torch.autograd.grad(grads, tensors, vs, retain_graph=True)
+        for a, v, h in zip(acc, vs, hv):
+            a += v * h
+    return {k: a / samples for k, a in zip(names, acc)}
+
+
+def exact(loss: Tensor, params: Dict[str, Tensor], rows_per_pass: int = 256) -> Dict[str, Tensor]:
+    """The Hessian's diagonal, row blocks of each parameter's Hessian at a time."""
+    names = list(params)
+    tensors = [params[k] for k in names]
+    grads = torch.autograd.grad(loss, tensors, create_graph=True)
+    out = {}
+    for name, p, g in zip(names, tensors, grads):
+        gf = g.reshape(-1)
+        n = gf.numel()
+        diag = torch.empty(n, dtype=p.dtype, device=p.device)
+        for s in range(0, n, rows_per_pass):
+            e = min(n, s + rows_per_pass)
+            eye = torch.zeros(e - s, n, dtype=p.dtype, device=p.device)
+            eye[torch.arange(e - s), torch.arange(s, e)] = 1
+            rows = torch.autograd.grad(gf, p, eye, retain_graph=True, is_grads_batched=True)[0].reshape(e - s, n)
+            diag[s:e] = rows[torch.arange(e - s), torch.arange(s, e)]
+        out[name] = diag.reshape(p.shape)
+    return out

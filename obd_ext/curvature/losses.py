@@ -1,0 +1,139 @@
+"""Boundary conditions of the curvature sweep: the loss's gradient and the
+diagonal of its Hessian with respect to the model output (EQUATIONS.md,
+"Losses").
+
+Each rule returns ``(loss, g, h_obd, h_lm)`` for a model output ``y``:
+``g = dL/dy``, ``h_obd`` the diagonal of ``d2L/dy2`` and ``h_lm`` its
+Gauss-Newton counterpart (the same for the losses below, whose Hessian with
+respect to the output is PSD). Every quantity is computed elementwise or per
+row, so the cost never grows beyond that of the loss itself (no C x C
+matrices, whatever the vocabulary).
+
+A squashing function before the loss (eq. 8: tanh then MSE) needs no rule of
+its own: the sweep's elementwise rule adds its ``f''`` term.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["Boundary", "boundary_for", "SUPPORTED_LOSSES"]
+
+SUPPORTED_LOSSES = ("nn.MSELoss", "nn.CrossEntropyLoss", "nn.BCEWithLogitsLoss", "F.mse_loss", "F.cross_entropy",
+                    "F.binary_cross_entropy_with_logits")
+
+
+@dataclass
+class Boundary:
+    loss: Tensor
+    g: Tensor
+    h_obd: Tensor
+    h_lm: Tensor
+    scale: float = 1.0  # the loss's reduction factor (1/count for "mean")
+
+
+def _reduction_scale(reduction: str, count: int) -> float:
+    if reduction == "mean":
+        return 1.0 / max(count, 1)
+    if reduction == "sum":
+        return 1.0
+    raise ValueError(f"loss reduction must be 'mean' or 'sum' for curvature, got {reduction!r}")
+
+
+def mse(y: Tensor, target: Tensor, reduction: str = "mean") -> Boundary:
+    """``sum (y - t)^2`` (or its mean): gradient ``2 (y - t)``, curvature 2 per output."""
+    if target.shape != y.shape:
+        raise ValueError(f"MSE target must have the output's shape {tuple(y.shape)}, got {tuple(target.shape)}")
+    c = _reduction_scale(reduction, y.numel())
+    y = y.detach()
+    diff = y - target.to(y.dtype)
+    loss = (diff * diff).sum() * c
+    h = torch.full_like(y, 2.0 * c)
+    return Boundary(loss, 2.0 * c * diff, h, h, c)
+
+
+def cross_entropy(y: Tensor, target: Tensor, reduction: str = "mean", ignore_index: int = -100) -> Boundary:
+    """Softmax cross-entropy on logits (class dim 1): diagonal ``p (1 - p)`` at the logits."""
+    if target.dtype not in (torch.long, torch.int, torch.int32, torch.int64):
+        raise ValueError(f"cross-entropy curvature needs class-index targets, got dtype {target.dtype}")
+    y = y.detach()
+    logp = F.log_softmax(y, dim=1)
+    p = logp.exp()
+    t = target.long()
+    valid = t != ignore_index
+    count = int(valid.sum())
+    c = _reduction_scale(reduction, count)
+    safe_t = torch.where(valid, t, torch.zeros_like(t))
+    loss = -(logp.gather(1, safe_t.unsqueeze(1)).squeeze(1) * valid).sum() * c
+    w = (valid.to(y.dtype) * c).unsqueeze(1)
+    g = p.clone()
+    g.scatter_add_(1, safe_t.unsqueeze(1), -torch.ones_like(safe_t, dtype=y.dtype).unsqueeze(1))
+    g = g * w
+    h = p * (1.0 - p) * w
+    return Boundary(loss, g, h, h, c)
+
+
+def bce_with_logits(y: Tensor, target: Tensor, reduction: str = "mean") -> Boundary:
+    """Binary cross-entropy on logits: gradient ``s - t``, curvature ``s (1 - s)``."""
+    if target.shape != y.shape:
+        raise ValueError(f"BCE target must have the output's shape {tuple(y.shape)}, got {tuple(target.shape)}")
+    y = y.detach()
+    c = _reduction_scale(reduction, y.numel())
+    t = target.to(y.dtype)
+    s = torch.sigmoid(y)
+    loss = F.binary_cross_entropy_with_logits(y, t, reduction="sum") * c
+    h = s * (1.0 - s) * c
+    return Boundary(loss, (s - t) * c, h, h, c)
+
+
+def boundary_for(loss_fn) -> Callable[[Tensor, Tensor], Boundary]:
+    """The boundary rule for a loss module or functional; a clear error otherwise."""
+    if isinstance(loss_fn, nn.MSELoss) or loss_fn is F.mse_loss:
+        red = getattr(loss_fn, "reduction", "mean")
+        return lambda y, t: mse(y, t, red)
+    if isinstance(loss_fn, nn.CrossEntropyLoss) or loss_fn is F.cross_entropy:
+        if isinstance(loss_fn, nn.CrossEntropyLoss):
+            if loss_fn.weight is not None or loss_fn.label_smoothing:
+                raise NotImplementedError(
+                    "obd_ext curvature: CrossEntropyLoss with class weights or label smoothing is not supported; "
+                    "use method='hutchinson' or 'exact'"
+                )
+            red, ign = loss_fn.reduction, loss_fn.ignore_index
+        else:
+            red, ign = "mean", -100
+        return lambda y, t: cross_entropy(y, t, red, ign)
+    if isinstance(loss_fn, nn.BCEWithLogitsLoss) or loss_fn is F.binary_cross_entropy_with_logits:
+        if isinstance(loss_fn, nn.BCEWithLogitsLoss) and (loss_fn.weight is not None or loss_fn.pos_weight is not None):
+            raise NotImplementedError(
+                "obd_ext curvature: BCEWithLogitsLoss with weight or pos_weight is not supported; "
+                "use method='hutchinson' or 'exact'"
+            )
+        red = getattr(loss_fn, "reduction", "mean")
+        return lambda y, t: bce_with_logits(y, t, red)
+    name = type(loss_fn).__name__ if isinstance(loss_fn, nn.Module) else getattr(loss_fn, "__name__", repr(loss_fn))
+    raise NotImplementedError(
+        f"obd_ext curvature: no second-order rule for the loss {name}; supported: {', '.join(SUPPORTED_LOSSES)}. "
+        "method='hutchinson' or 'exact' work with any loss."
+    )
+
+
+def sampled_targets(y: Tensor, loss_fn, generator: Optional[torch.Generator] = None) -> Tensor:
+    """Targets drawn from the model's own predictive distribution (for ggn-mc)."""
+    y = y.detach()
+    if isinstance(loss_fn, nn.CrossEntropyLoss) or loss_fn is F.cross_entropy:
+        probs = F.softmax(y, dim=1).movedim(1, -1).reshape(-1, y.shape[1])
+        draw = torch.multinomial(probs, 1, generator=generator).reshape(y.movedim(1, -1).shape[:-1])
+        return draw
+    if isinstance(loss_fn, nn.BCEWithLogitsLoss) or loss_fn is F.binary_cross_entropy_with_logits:
+        return torch.bernoulli(torch.sigmoid(y), generator=generator)
+    if isinstance(loss_fn, nn.MSELoss) or loss_fn is F.mse_loss:
+        # sum (y - t)^2 is the negative log-likelihood of N(y, 1/2) up to constants
+        return y + torch.randn(y.shape, generator=generator, dtype=y.dtype, device=y.device) * (0.5 ** 0.5)
+    boundary_for(loss_fn)  # raises the clear error for unsupported losses
+    raise AssertionError("unreachable")

@@ -1,0 +1,436 @@
+"""One squared-Jacobian rule per autograd node type (EQUATIONS.md, eq. 7 and
+"The same rules in matrix form").
+
+A rule maps what reaches a node's outputs, the gradient ``g`` and the diagonal
+second derivative ``H``, to its inputs:
+
+    H_in = sum over outputs of (d out / d in)^2 * H_out   [+ (d2 out / d in2) * g_out for OBD]
+    g_in = the ordinary vector-Jacobian product            (only when OBD needs it)
+
+and, for a node whose input is a parameter, the parameter's curvature is what
+reaches it (summed over every use: eq. 5, tied weights included).
+
+Rules read the tensors autograd saved for the backward pass (``node._saved_*``),
+so they work on any model, whatever its module structure. Linear maps whose
+Jacobian entries are 0 or 1 (views, permutes, slices, cat, split, expand,
+sums, masked_fill, max pooling) apply the node's own backward to H as well as
+to g. Rules return tensors of the node's output shape where an input was
+broadcast; the sweep sums them to the input's shape, as autograd's engine
+does. A node without a rule raises :class:`UnsupportedOpError`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["UnsupportedOpError", "RULES", "Ctx", "rule_for"]
+
+Grads = List[Optional[Tensor]]
+
+
+class UnsupportedOpError(NotImplementedError):
+    """A node of the model's graph has no second-order rule."""
+
+
+class Ctx:
+    """What rules need to know about the sweep: OBD (with f'' terms) or LM."""
+
+    def __init__(self, lm: bool):
+        self.lm = lm
+
+    @property
+    def need_g(self) -> bool:
+        return not self.lm
+
+
+def _call(node, outs: Grads) -> Tuple[Optional[Tensor], ...]:
+    res = node(*outs)
+    return res if isinstance(res, tuple) else (res,)
+
+
+def index_map(node, g: Grads, h: Grads, ctx: Ctx):
+    """Linear nodes with 0/1 Jacobian entries: squaring changes nothing."""
+    h_in = _call(node, h)
+    g_in = _call(node, g) if ctx.need_g and any(x is not None for x in g) else (None,) * len(h_in)
+    return g_in, h_in
+
+
+# ---------------------------------------------------------------------------
+# Elementwise activations: H_a = f'(a)^2 H_x + f''(a) g_x (eq. 7)
+# ---------------------------------------------------------------------------
+
+
+def _d_tanh(node):
+    y = node._saved_result
+    d1 = 1 - y * y
+    return d1, -2 * y * d1
+
+
+def _d_sigmoid(node):
+    y = node._saved_result
+    d1 = y * (1 - y)
+    return d1, d1 * (1 - 2 * y)
+
+
+def _d_relu(node):
+    y = node._saved_result
+    return (y > 0).to(y.dtype), None
+
+
+def _d_leaky_relu(node):
+    x = node._saved_self
+    slope = node._saved_negative_slope
+    return torch.where(x > 0, torch.ones_like(x), torch.full_like(x, slope)), None
+
+
+def _d_elu(node):
+    x = node._saved_self
+    alpha, scale, in_scale = node._saved_alpha, node._saved_scale, node._saved_input_scale
+    neg = scale * alpha * in_scale * torch.exp(x * in_scale)
+    d1 = torch.where(x > 0, torch.full_like(x, scale), neg)
+    d2 = torch.where(x > 0, torch.zeros_like(x), neg * in_scale)
+    return d1, d2
+
+
+def _d_gelu(node):
+    x = node._saved_self
+    if node._saved_approximate == "tanh":
+        k = math.sqrt(2.0 / math.pi)
+        u = k * (x + 0.044715 * x ** 3)
+        du = k * (1 + 3 * 0.044715 * x * x)
+        ddu = k * 6 * 0.044715 * x
+        t = torch.tanh(u)
+        sech2 = 1 - t * t
+        d1 = 0.5 * (1 + t) + 0.5 * x * sech2 * du
+        d2 = sech2 * du + 0.5 * x * (-2 * t * sech2 * du * du + sech2 * ddu)
+        return d1, d2
+    pdf = torch.exp(-0.5 * x * x) / math.sqrt(2 * math.pi)
+    cdf = 0.5 * (1 + torch.erf(x / math.sqrt(2)))
+    return cdf + x * pdf, pdf * (2 - x * x)
+
+
+def _d_silu(node):
+    x = node._saved_self
+    s = torch.sigmoid(x)
+    return s * (1 + x * (1 - s)), s * (1 - s) * (2 + x * (1 - 2 * s))
+
+
+def _d_softplus(node):
+    x = node._saved_self
+    beta, threshold = node._saved_beta, node._saved_threshold
+    s = torch.sigmoid(beta * x)
+    linear = beta * x > threshold
+    d1 = torch.where(linear, torch.ones_like(x), s)
+    d2 = torch.where(linear, torch.zeros_like(x), beta * s * (1 - s))
+    return d1, d2
+
+
+def _d_hardtanh(node):
+    x = node._saved_self
+    lo, hi = node._saved_min_val, node._saved_max_val
+    return ((x > lo) & (x < hi)).to(x.dtype), None
+
+
+ACTIVATIONS: Dict[str, Callable] = {
+    "TanhBackward0": _d_tanh,
+    "SigmoidBackward0": _d_sigmoid,
+    "ReluBackward0": _d_relu,
+    "LeakyReluBackward0": _d_leaky_relu,
+    "EluBackward0": _d_elu,
+    "GeluBackward0": _d_gelu,
+    "SiluBackward0": _d_silu,
+    "SoftplusBackward0": _d_softplus,
+    "HardtanhBackward0": _d_hardtanh,
+}
+
+
+def elementwise(derivs: Callable) -> Callable:
+    def rule(node, g: Grads, h: Grads, ctx: Ctx):
+        d1, d2 = derivs(node)
+        h_in = d1 * d1 * h[0]
+        if not ctx.lm and d2 is not None and g[0] is not None:
+            h_in = h_in + d2 * g[0]
+        g_in = d1 * g[0] if ctx.need_g and g[0] is not None else None
+        return (g_in,), (h_in,)
+
+    return rule
+
+
+# ---------------------------------------------------------------------------
+# Linear algebra: square the other operand
+# ---------------------------------------------------------------------------
+
+
+def _mm_rule(a: Tensor, b: Tensor, g: Optional[Tensor], h: Tensor, ctx: Ctx, need_a: bool, need_b: bool,
+             scale: float = 1.0):
+    """y = scale * a @ b (batched allowed): H_a = s^2 H (b*b)^T, H_b = s^2 (a*a)^T H."""
+    s2 = scale * scale
+    h_a = (h @ (b * b).transpose(-1, -2)) * s2 if need_a else None
+    h_b = ((a * a).transpose(-1, -2) @ h) * s2 if need_b else None
+    g_a = (g @ b.transpose(-1, -2)) * scale if need_a and ctx.need_g and g is not None else None
+    g_b = (a.transpose(-1, -2) @ g) * scale if need_b and ctx.need_g and g is not None else None
+    return g_a, g_b, h_a, h_b
+
+
+def _needs(node) -> List[bool]:
+    return [n is not None for n, _ in node.next_functions]
+
+
+def mm(node, g: Grads, h: Grads, ctx: Ctx):
+    na, nb = _needs(node)
+    a, b = node._saved_self, node._saved_mat2
+    g_a, g_b, h_a, h_b = _mm_rule(a, b, g[0], h[0], ctx, na, nb)
+    return (g_a, g_b), (h_a, h_b)
+
+
+def bmm(node, g: Grads, h: Grads, ctx: Ctx):
+    na, nb = _needs(node)
+    a, b = node._saved_self, node._saved_mat2
+    g_a, g_b, h_a, h_b = _mm_rule(a, b, g[0], h[0], ctx, na, nb)
+    return (g_a, g_b), (h_a, h_b)
+
+
+def addmm(node, g: Grads, h: Grads, ctx: Ctx):
+    """y = beta * bias + alpha * mat1 @ mat2 (nn.Linear)."""
+    nbias, na, nb = _needs(node)
+    alpha, beta = float(node._saved_alpha), float(node._saved_beta)
+    a, b = node._saved_mat1, node._saved_mat2
+    g_a, g_b, h_a, h_b = _mm_rule(a, b, g[0], h[0], ctx, na, nb, alpha)
+    # The bias is broadcast over rows: the sweep sums its H over them.
+    h_bias = h[0] * (beta * beta) if nbias else None
+    g_bias = g[0] * beta if nbias and ctx.need_g and g[0] is not None else None
+    return (g_bias, g_a, g_b), (h_bias, h_a, h_b)
+
+
+def convolution(node, g: Grads, h: Grads, ctx: Ctx):
+    """Conv: H_x = conv^T(H, W*W), h_W = weight-grad conv of (X*X, H) (eq. 5-6 with sharing)."""
+    n_in, n_w, n_b = (_needs(node) + [False])[:3]
+    x, w = node._saved_input, node._saved_weight
+    stride, padding, dilation = node._saved_stride, node._saved_padding, node._saved_dilation
+    transposed, out_pad, groups = node._saved_transposed, node._saved_output_padding, node._saved_groups
+    bias_sizes = node._saved_bias_sym_sizes_opt
+    mask = [n_in, n_w, n_b and bias_sizes is not None]
+    h_x, h_w, h_b = torch.ops.aten.convolution_backward(
+        h[0], x * x, w * w, bias_sizes, stride, padding, dilation, transposed, out_pad, groups, mask)
+    g_x = None
+    if ctx.need_g and n_in and g[0] is not None:
+        g_x = torch.ops.aten.convolution_backward(
+            g[0], x, w, None, stride, padding, dilation, transposed, out_pad, groups, [True, False, False])[0]
+    return (g_x, None, None), (h_x, h_w, h_b)
+
+
+# ---------------------------------------------------------------------------
+# Sums and products of activations
+# ---------------------------------------------------------------------------
+
+
+def add(node, g: Grads, h: Grads, ctx: Ctx, sign: float = 1.0):
+    """y = a + alpha * b (sign -1: a - alpha * b): H passes through, times alpha^2 for b."""
+    alpha = float(getattr(node, "_saved_alpha", 1.0)) * sign
+    h_in = (h[0], h[0] * (alpha * alpha))
+    g_in = (g[0], g[0] * alpha) if ctx.need_g and g[0] is not None else (None, None)
+    return g_in, h_in
+
+
+def sub(node, g, h, ctx):
+    return add(node, g, h, ctx, sign=-1.0)
+
+
+def mul(node, g: Grads, h: Grads, ctx: Ctx):
+    """y = a * b: H_a = b^2 H, H_b = a^2 H (d2y/da2 = 0; the mixed term is off-diagonal)."""
+    a, b = node._saved_self, node._saved_other
+    na, nb = _needs(node)
+    h_a = h[0] * b * b if na else None
+    h_b = h[0] * a * a if nb else None
+    g_a = g[0] * b if na and ctx.need_g and g[0] is not None else None
+    g_b = g[0] * a if nb and ctx.need_g and g[0] is not None else None
+    return (g_a, g_b), (h_a, h_b)
+
+
+def div(node, g: Grads, h: Grads, ctx: Ctx):
+    """y = a / b: H_a = H / b^2; H_b = (a/b^2)^2 H + (2a/b^3) g."""
+    a, b = node._saved_self, node._saved_other
+    na, nb = _needs(node)
+    h_a = h[0] / (b * b) if na else None
+    h_b = None
+    if nb:
+        d1 = -a / (b * b)
+        h_b = d1 * d1 * h[0]
+        if not ctx.lm and g[0] is not None:
+            h_b = h_b + (2 * a / (b * b * b)) * g[0]
+    g_a = g[0] / b if na and ctx.need_g and g[0] is not None else None
+    g_b = g[0] * (-a / (b * b)) if nb and ctx.need_g and g[0] is not None else None
+    return (g_a, g_b), (h_a, h_b)
+
+
+def mean(node, g: Grads, h: Grads, ctx: Ctx):
+    """Mean: Jacobian entries 1/n, so H gets 1/n^2 (the node's backward gives 1/n)."""
+    sizes = node._saved_self_sym_sizes
+    dims = node._saved_dim
+    n = 1
+    for d in (dims if dims else range(len(sizes))):
+        n *= int(sizes[d])
+    h_in = _call(node, h)[0] / n
+    g_in = _call(node, g)[0] if ctx.need_g and g[0] is not None else None
+    return (g_in,), (h_in,)
+
+
+def mean_all(node, g: Grads, h: Grads, ctx: Ctx):
+    n = int(node._saved_self_sym_numel)
+    h_in = _call(node, h)[0] / n
+    g_in = _call(node, g)[0] if ctx.need_g and g[0] is not None else None
+    return (g_in,), (h_in,)
+
+
+# ---------------------------------------------------------------------------
+# Softmax, layer norm, batch norm (eval), average pooling
+# ---------------------------------------------------------------------------
+
+
+def softmax(node, g: Grads, h: Grads, ctx: Ctx):
+    """Per row: H_x = y^2 ((1 - 2y) H + sum_j y_j^2 H_j) [+ y (2y - 1)(sum_j g_j y_j - g)]."""
+    y, dim = node._saved_result, node._saved_dim
+    hh = h[0]
+    s = (y * y * hh).sum(dim, keepdim=True)
+    h_in = y * y * ((1 - 2 * y) * hh + s)
+    g_in = None
+    if g[0] is not None and not ctx.lm:
+        t = (g[0] * y).sum(dim, keepdim=True)
+        h_in = h_in + y * (2 * y - 1) * (t - g[0])
+        g_in = y * (g[0] - t)
+    return (g_in,), (h_in,)
+
+
+def layer_norm(node, g: Grads, h: Grads, ctx: Ctx):
+    """Closed forms per row (O(n)): the diagonal of J^T diag(H) J plus the f'' term."""
+    x = node._saved_input
+    mu, rstd = node._saved_result1, node._saved_result2
+    weight, bias = node._saved_weight, node._saved_bias
+    nshape = node._saved_normalized_shape
+    k = len(nshape)
+    dims = tuple(range(x.dim() - k, x.dim()))
+    n = math.prod(int(s) for s in nshape)
+    mu = mu.reshape(mu.shape + (1,) * (x.dim() - mu.dim())) if mu.dim() < x.dim() else mu
+    rstd = rstd.reshape(rstd.shape + (1,) * (x.dim() - rstd.dim())) if rstd.dim() < x.dim() else rstd
+    xh = (x - mu) * rstd
+    gamma = weight if weight is not None else torch.ones(nshape, dtype=x.dtype, device=x.device)
+    n_x, n_w, n_b = _needs(node)
+    hh = h[0]
+    A = gamma * gamma * hh
+    S0 = A.sum(dims, keepdim=True)
+    S1 = (A * xh).sum(dims, keepdim=True)
+    S2 = (A * xh * xh).sum(dims, keepdim=True)
+    r2 = rstd * rstd
+    h_x = r2 * ((S0 + 2 * xh * S1 + xh * xh * S2) / (n * n) + A * (1 - 2 * (1 + xh * xh) / n))
+    g_x = None
+    if g[0] is not None and not ctx.lm:
+        a = g[0] * gamma
+        Asum = a.sum(dims, keepdim=True)
+        B = (a * xh).sum(dims, keepdim=True)
+        h_x = h_x - (r2 / n) * (2 * xh * (a - Asum / n) + B * (1 - 1.0 / n - 3 * xh * xh / n))
+        g_x = rstd * (a - Asum / n - xh * B / n)
+    batch_dims = tuple(range(x.dim() - k))
+    h_w = (xh * xh * hh).sum(batch_dims) if n_w and weight is not None else None
+    h_b = hh.sum(batch_dims) if n_b and bias is not None else None
+    return (g_x if n_x else None, None, None), (h_x if n_x else None, h_w, h_b)
+
+
+def batch_norm(node, g: Grads, h: Grads, ctx: Ctx):
+    """Eval mode: an affine map per channel with the running statistics."""
+    if node._saved_training:
+        raise UnsupportedOpError(
+            "obd_ext curvature: BatchNorm in training mode couples the samples of a batch and has no "
+            "diagonal rule here; call model.eval() first, or use method='hutchinson'"
+        )
+    x, weight = node._saved_input, node._saved_weight
+    rm, rv, eps = node._saved_running_mean, node._saved_running_var, float(node._saved_eps)
+    shape = [1, -1] + [1] * (x.dim() - 2)
+    rstd = torch.rsqrt(rv + eps).reshape(shape)
+    xh = (x - rm.reshape(shape)) * rstd
+    gamma = weight.reshape(shape) if weight is not None else torch.ones_like(rstd)
+    n_x, n_w, n_b = _needs(node)
+    red = [0] + list(range(2, x.dim()))
+    c = gamma * rstd
+    h_x = h[0] * c * c if n_x else None
+    g_x = g[0] * c if n_x and ctx.need_g and g[0] is not None else None
+    h_w = (xh * xh * h[0]).sum(red) if n_w else None
+    h_b = h[0].sum(red) if n_b else None
+    return (g_x, None, None), (h_x, h_w, h_b)
+
+
+def avg_pool2d(node, g: Grads, h: Grads, ctx: Ctx):
+    """Average pooling without padding: entries 1/k, so H gets 1/k^2."""
+    ks = node._saved_kernel_size
+    if any(int(p) for p in node._saved_padding) or node._saved_divisor_override is not None:
+        raise UnsupportedOpError("obd_ext curvature: avg_pool2d with padding or a divisor override has no rule; "
+                                 "use method='hutchinson'")
+    area = int(ks[0]) * int(ks[-1])
+    h_in = _call(node, h)[0] / area
+    g_in = _call(node, g)[0] if ctx.need_g and g[0] is not None else None
+    return (g_in,), (h_in,)
+
+
+def adaptive_avg_pool2d(node, g: Grads, h: Grads, ctx: Ctx):
+    x = node._saved_self
+    out_h, out_w = h[0].shape[-2], h[0].shape[-1]
+    if x.shape[-2] % out_h or x.shape[-1] % out_w:
+        raise UnsupportedOpError("obd_ext curvature: adaptive_avg_pool2d with uneven windows has no rule; "
+                                 "use method='hutchinson'")
+    area = (x.shape[-2] // out_h) * (x.shape[-1] // out_w)
+    h_in = _call(node, h)[0] / area
+    g_in = _call(node, g)[0] if ctx.need_g and g[0] is not None else None
+    return (g_in,), (h_in,)
+
+
+def embedding(node, g: Grads, h: Grads, ctx: Ctx):
+    """Rows of the table are picked (0/1 Jacobian): the node's backward scatters H into the table."""
+    return index_map(node, g, h, ctx)
+
+
+INDEX_MAPS = [
+    "ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0", "TBackward0", "TransposeBackward0",
+    "PermuteBackward0", "SliceBackward0", "SelectBackward0", "SplitBackward0", "SplitWithSizesBackward0",
+    "UnbindBackward0", "CatBackward0", "StackBackward0", "CloneBackward0", "ExpandBackward0", "SqueezeBackward0",
+    "SqueezeBackward1", "SqueezeBackward2", "UnsqueezeBackward0", "SumBackward0", "SumBackward1",
+    "MaskedFillBackward0", "MaxPool2DWithIndicesBackward0", "EmbeddingBackward0", "AliasBackward0",
+    "ToCopyBackward0", "ContiguousBackward0", "IndexBackward0", "NegBackward0", "FlattenBackward0",
+    "ChunkBackward0", "PadBackward0", "ConstantPadNdBackward0", "RepeatBackward0", "ExpandAsBackward0",
+]
+
+RULES: Dict[str, Callable] = {name: index_map for name in INDEX_MAPS}
+RULES.update({name: elementwise(d) for name, d in ACTIVATIONS.items()})
+RULES.update({
+    "MmBackward0": mm,
+    "BmmBackward0": bmm,
+    "AddmmBackward0": addmm,
+    "ConvolutionBackward0": convolution,
+    "AddBackward0": add,
+    "SubBackward0": sub,
+    "MulBackward0": mul,
+    "DivBackward0": div,
+    "MeanBackward0": mean_all,
+    "MeanBackward1": mean,
+    "SoftmaxBackward0": softmax,
+    "NativeLayerNormBackward0": layer_norm,
+    "NativeBatchNormBackward0": batch_norm,
+    "CudnnBatchNormBackward0": batch_norm,
+    "AvgPool2DBackward0": avg_pool2d,
+    "AdaptiveAvgPool2DBackward0": adaptive_avg_pool2d,
+})
+
+
+def rule_for(node) -> Callable:
+    name = type(node).__name__
+    rule = RULES.get(name)
+    if rule is None:
+        raise UnsupportedOpError(
+            f"obd_ext curvature: no second-order rule for the autograd node {name}; the model uses an operation "
+            "the back-propagated diagonal does not cover yet. Use method='hutchinson' (any model) or 'exact' "
+            "(small models) instead."
+        )
+    return rule
