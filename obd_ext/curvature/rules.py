@@ -53,6 +53,12 @@ def _call(node, outs: Grads) -> Tuple[Optional[Tensor], ...]:
     return res if isinstance(res, tuple) else (res,)
 
 
+def _signed(d: int) -> int:
+    """Saved dims can come back as unsigned 64-bit values (-1 as 2^64 - 1)."""
+    d = int(d)
+    return d - (1 << 64) if d >= (1 << 63) else d
+
+
 def index_map(node, g: Grads, h: Grads, ctx: Ctx):
     """Linear nodes with 0/1 Jacobian entries: squaring changes nothing."""
     h_in = _call(node, h)
@@ -274,7 +280,7 @@ def mean(node, g: Grads, h: Grads, ctx: Ctx):
     dims = node._saved_dim
     n = 1
     for d in (dims if dims else range(len(sizes))):
-        n *= int(sizes[d])
+        n *= int(sizes[_signed(d)])
     h_in = _call(node, h)[0] / n
     g_in = _call(node, g)[0] if ctx.need_g and g[0] is not None else None
     return (g_in,), (h_in,)
@@ -294,7 +300,7 @@ def mean_all(node, g: Grads, h: Grads, ctx: Ctx):
 
 def softmax(node, g: Grads, h: Grads, ctx: Ctx):
     """Per row: H_x = y^2 ((1 - 2y) H + sum_j y_j^2 H_j) [+ y (2y - 1)(sum_j g_j y_j - g)]."""
-    y, dim = node._saved_result, node._saved_dim
+    y, dim = node._saved_result, _signed(node._saved_dim)
     hh = h[0]
     s = (y * y * hh).sum(dim, keepdim=True)
     h_in = y * y * ((1 - 2 * y) * hh + s)

@@ -1,0 +1,270 @@
+"""The curvature engine against exact autograd (float64, small problems)."""
+
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from obd_ext.curvature import CurvatureAccumulator, UnsupportedOpError, hessian_diag
+from obd_ext.curvature import rules
+
+torch.set_default_dtype(torch.float64)
+
+ACTS = [nn.Tanh, nn.Sigmoid, nn.ReLU, nn.LeakyReLU, nn.ELU, nn.GELU, lambda: nn.GELU(approximate="tanh"), nn.SiLU,
+        nn.Softplus, nn.Hardtanh]
+
+
+def mlp(act=nn.Tanh, sizes=(5, 4, 3), seed=0):
+    torch.manual_seed(seed)
+    layers = []
+    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+        layers.append(nn.Linear(a, b))
+        if i < len(sizes) - 2:
+            layers.append(act())
+    return nn.Sequential(*layers).double()
+
+
+def data(n=9, d_in=5, d_out=3, classes=False, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d_in, generator=g)
+    y = torch.randint(0, d_out, (n,), generator=g) if classes else torch.randn(n, d_out, generator=g)
+    return x, y
+
+
+def close(a, b, tol=1e-10):
+    return float((a - b).abs().max()) <= tol * max(1.0, float(b.abs().max()))
+
+
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+@pytest.mark.parametrize("act", ACTS, ids=lambda a: getattr(a, "__name__", "GELU-tanh"))
+def test_exact_for_the_last_two_layers_under_mse(act, reduction):
+    model = mlp(act)
+    x, y = data()
+    loss = nn.MSELoss(reduction=reduction)
+    ex = hessian_diag(model, loss, (x, y), method="exact", progress=False)
+    ob = hessian_diag(model, loss, (x, y), method="obd", progress=False)
+    for name in ex:
+        assert close(ob[name], ex[name]), (name, ob[name], ex[name])
+
+
+@pytest.mark.parametrize("act", [nn.Tanh, nn.GELU, nn.SiLU])
+def test_exact_for_the_last_layer_under_cross_entropy(act):
+    model = mlp(act, sizes=(5, 6, 4, 3))
+    x, y = data(classes=True)
+    ex = hessian_diag(model, nn.CrossEntropyLoss(), (x, y), method="exact", progress=False)
+    ob = hessian_diag(model, nn.CrossEntropyLoss(), (x, y), method="obd", progress=False)
+    for name in ("4.weight", "4.bias"):
+        assert close(ob[name], ex[name]), name
+
+
+def test_exact_for_squashed_outputs_eq8_and_bce():
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(5, 3), nn.Tanh()).double()  # eq. 8: MSE after a squashing function
+    x, y = data()
+    ex = hessian_diag(model, nn.MSELoss(), (x, y), method="exact", progress=False)
+    ob = hessian_diag(model, nn.MSELoss(), (x, y), method="obd", progress=False)
+    assert all(close(ob[k], ex[k]) for k in ex)
+    model = mlp(nn.Tanh)
+    yb = (torch.rand(9, 3) > 0.5).double()
+    ex = hessian_diag(model, nn.BCEWithLogitsLoss(), (x, yb), method="exact", progress=False)
+    ob = hessian_diag(model, nn.BCEWithLogitsLoss(), (x, yb), method="obd", progress=False)
+    assert all(close(ob[k], ex[k]) for k in ("2.weight", "2.bias"))
+
+
+def test_exact_when_every_unit_feeds_one_unit():
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Linear(1, 1), nn.Tanh(), nn.Linear(1, 1), nn.Sigmoid(), nn.Linear(1, 1)).double()
+    x, y = torch.randn(6, 1), torch.randn(6, 1)
+    ex = hessian_diag(model, nn.MSELoss(), (x, y), method="exact", progress=False)
+    ob = hessian_diag(model, nn.MSELoss(), (x, y), method="obd", progress=False)
+    assert all(close(ob[k], ex[k]) for k in ex)
+
+
+def test_lm_is_never_negative_and_obd_reports_negatives():
+    model = mlp(nn.Tanh, sizes=(5, 8, 8, 3))
+    x, y = data()
+    lm = hessian_diag(model, nn.MSELoss(), (x, y * 10), method="lm", progress=False)
+    assert all((v >= 0).all() for v in lm.values()) and lm.total_negative == 0
+    ob = hessian_diag(model, nn.MSELoss(), (x, y * 10), method="obd", progress=False)
+    assert ob.total_negative == sum(int((v < 0).sum()) for v in ob.values())
+    assert ob.total_negative > 0  # far from a minimum, f'' terms make some entries negative
+
+
+def test_tied_weights_sum_over_uses():
+    """A weight used twice gets the sum of what its two uses would get as separate copies (eq. 5)."""
+    torch.manual_seed(5)
+    w = torch.randn(4, 4)
+
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(w.clone())
+
+        def forward(self, x):
+            return torch.tanh(x @ self.w.t()) @ self.w
+
+    class Untied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Parameter(w.clone())
+            self.b = nn.Parameter(w.clone())
+
+        def forward(self, x):
+            return torch.tanh(x @ self.a.t()) @ self.b
+
+    x, y = torch.randn(7, 4), torch.randn(7, 4)
+    for method in ("obd", "lm"):
+        tied = hessian_diag(Tied(), nn.MSELoss(), (x, y), method=method, progress=False)
+        untied = hessian_diag(Untied(), nn.MSELoss(), (x, y), method=method, progress=False)
+        assert close(tied["w"], untied["a"] + untied["b"])
+
+
+def test_convnet_runs_and_is_exact_in_the_last_layer():
+    torch.manual_seed(6)
+    model = nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.Tanh(), nn.MaxPool2d(2), nn.Conv2d(3, 4, 3, stride=2),
+                          nn.ReLU(), nn.AvgPool2d(1), nn.Flatten(), nn.Linear(4, 3)).double()
+    x, y = torch.randn(5, 1, 8, 8), torch.randint(0, 3, (5,))
+    ex = hessian_diag(model, nn.CrossEntropyLoss(), (x, y), method="exact", progress=False)
+    ob = hessian_diag(model, nn.CrossEntropyLoss(), (x, y), method="obd", progress=False)
+    assert close(ob["7.weight"], ex["7.weight"]) and close(ob["7.bias"], ex["7.bias"])
+    for k in ex:
+        assert ob[k].shape == ex[k].shape
+
+
+def test_accumulator_in_a_training_loop_matches_hessian_diag():
+    model = mlp(nn.Tanh)
+    batches = [data(seed=s) for s in range(3)]
+    loss_fn = nn.MSELoss()
+    ref = hessian_diag(model, loss_fn, batches, method="lm", progress=False)
+    acc = CurvatureAccumulator(model, loss_fn, method="lm")
+    for x, y in batches:
+        out = model(x)
+        acc.accumulate(out, y)
+        loss_fn(out, y).backward()  # the graph is intact after the sweep
+    res = acc.result()
+    assert all(close(res[k], ref[k]) for k in ref) and res.batches == 3
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_frozen_parameters_are_skipped_and_params_selects():
+    model = mlp(nn.Tanh)
+    model[0].weight.requires_grad_(False)
+    x, y = data()
+    res = hessian_diag(model, nn.MSELoss(), (x, y), method="obd", progress=False)
+    assert "0.weight" not in res and "0.bias" in res
+    res = hessian_diag(model, nn.MSELoss(), (x, y), method="obd", params=["2.weight"], progress=False)
+    assert list(res) == ["2.weight"]
+
+
+def test_fisher_equals_a_loop_over_per_sample_gradients():
+    model = mlp(nn.Tanh)
+    x, y = data(classes=True)
+    res = hessian_diag(model, nn.CrossEntropyLoss(), (x, y), method="fisher", progress=False)
+    acc = {k: torch.zeros_like(p) for k, p in model.named_parameters()}
+    for i in range(len(x)):
+        model.zero_grad()
+        F.cross_entropy(model(x[i:i + 1]), y[i:i + 1], reduction="sum").backward()
+        for k, p in model.named_parameters():
+            acc[k] += p.grad ** 2
+    assert all(close(res[k], acc[k] / len(x)) for k in acc)
+
+
+def _exact_ggn_diag_mse(model, x, reduction_scale):
+    params = dict(model.named_parameters())
+    names = list(params)
+
+    def f(*ps):
+        return torch.func.functional_call(model, dict(zip(names, ps)), (x,))
+
+    jac = torch.autograd.functional.jacobian(f, tuple(params.values()))
+    return {k: 2 * reduction_scale * (j ** 2).sum(dim=tuple(range(j.dim() - params[k].dim())))
+            for k, j in zip(names, jac)}
+
+
+def test_ggn_mc_converges_to_the_exact_ggn_and_hutchinson_to_the_hessian():
+    model = mlp(nn.Tanh)
+    x, y = data()
+    ggn = _exact_ggn_diag_mse(model, x, 1.0)
+    mc = hessian_diag(model, nn.MSELoss(reduction="sum"), (x, y), method="ggn-mc", samples=400, progress=False)
+    for k in ggn:
+        assert float((mc[k] - ggn[k]).abs().max()) < 0.15 * float(ggn[k].abs().max()), k
+    ex = hessian_diag(model, nn.MSELoss(reduction="sum"), (x, y), method="exact", progress=False)
+    hu = hessian_diag(model, nn.MSELoss(reduction="sum"), (x, y), method="hutchinson", samples=2000, progress=False)
+    for k in ex:
+        assert float((hu[k] - ex[k]).abs().max()) < 0.15 * float(ex[k].abs().max()), k
+
+
+def test_unsupported_op_is_a_clear_error():
+    class Odd(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3, 3)
+
+        def forward(self, x):
+            return torch.cumsum(self.lin(x), dim=1)
+
+    with pytest.raises(UnsupportedOpError, match=r"CumsumBackward0.*method='hutchinson'"):
+        hessian_diag(Odd().double(), nn.MSELoss(), (torch.randn(4, 3), torch.randn(4, 3)), progress=False)
+    with pytest.raises(NotImplementedError, match=r"no second-order rule for the loss L1Loss"):
+        hessian_diag(mlp(), nn.L1Loss(), data(), progress=False)
+    res = hessian_diag(Odd().double(), nn.L1Loss(), (torch.randn(4, 3), torch.randn(4, 3)), method="hutchinson",
+                       progress=False)
+    assert set(res) == {"lin.weight", "lin.bias"}
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="method must be one of"):
+        hessian_diag(mlp(), nn.MSELoss(), data(), method="newton", progress=False)
+    with pytest.raises(ValueError, match="reduction must be 'mean' or 'sum', got 'max'"):
+        hessian_diag(mlp(), nn.MSELoss(), data(), reduction="max", progress=False)
+    with pytest.raises(ValueError, match="samples must be a positive integer, got 0"):
+        hessian_diag(mlp(), nn.MSELoss(), data(), method="hutchinson", samples=0, progress=False)
+    with pytest.raises(ValueError, match="no parameter named 'nope'"):
+        hessian_diag(mlp(), nn.MSELoss(), data(), params=["nope"], progress=False)
+
+
+# ---------------------------------------------------------------------------
+# Rules checked one op at a time against brute-force autograd
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("act", ACTS, ids=lambda a: getattr(a, "__name__", "GELU-tanh"))
+def test_activation_derivatives(act):
+    x = (torch.randn(200) * 3).requires_grad_()
+    y = act()(x)
+    d1, d2 = rules.ACTIVATIONS[type(y.grad_fn).__name__](y.grad_fn)
+    g1 = torch.autograd.grad(y.sum(), x, create_graph=True)[0]
+    assert torch.allclose(d1, g1.detach(), atol=1e-12)
+    if d2 is not None:
+        g2 = torch.autograd.grad(g1.sum(), x)[0]
+        assert torch.allclose(d2, g2, atol=1e-10)
+
+
+def _brute(fn, x_row, g_row, h_row):
+    """diag(J^T diag(h) J) + sum_j g_j d2 y_j / dx_i^2 for one row."""
+    jac = torch.autograd.functional.jacobian(fn, x_row)
+    hes = torch.autograd.functional.hessian(lambda v: (fn(v) * g_row).sum(), x_row)
+    return (jac ** 2 * h_row[:, None]).sum(0) + torch.diagonal(hes), (jac ** 2 * h_row[:, None]).sum(0)
+
+
+@pytest.mark.parametrize("which", ["softmax", "layer_norm", "layer_norm_affine"])
+def test_row_rules_closed_forms(which):
+    torch.manual_seed(7)
+    n = 6
+    gamma, beta = torch.randn(n), torch.randn(n)
+    fns = {
+        "softmax": lambda v: torch.softmax(v, -1),
+        "layer_norm": lambda v: F.layer_norm(v, (n,)),
+        "layer_norm_affine": lambda v: F.layer_norm(v, (n,), gamma, beta),
+    }
+    fn = fns[which]
+    x = torch.randn(3, n, requires_grad=True)
+    y = fn(x)
+    g, h = torch.randn(3, n), torch.rand(3, n)
+    for lm in (False, True):
+        h_in = rules.RULES[type(y.grad_fn).__name__](y.grad_fn, [g], [h], rules.Ctx(lm))[1][0]
+        for r in range(3):
+            full, gn = _brute(fn, x[r].detach(), g[r], h[r])
+            assert torch.allclose(h_in[r], gn if lm else full, atol=1e-10), (which, lm, r)
