@@ -268,3 +268,101 @@ def test_row_rules_closed_forms(which):
         for r in range(3):
             full, gn = _brute(fn, x[r].detach(), g[r], h[r])
             assert torch.allclose(h_in[r], gn if lm else full, atol=1e-10), (which, lm, r)
+
+
+def _brute_flat(fn, x, g_out, h_out):
+    """For y = fn(x) (any shapes): diag(J^T diag(h) J) [+ sum_j g_j d2y_j/dx_i^2] over flattened x."""
+    xf = x.detach().reshape(-1)
+    f = lambda v: fn(v.reshape(x.shape)).reshape(-1)  # noqa: E731
+    jac = torch.autograd.functional.jacobian(f, xf)
+    gn = (jac ** 2 * h_out.reshape(-1)[:, None]).sum(0)
+    hes = torch.autograd.functional.hessian(lambda v: (f(v) * g_out.reshape(-1)).sum(), xf)
+    return (gn + torch.diagonal(hes)).reshape(x.shape), gn.reshape(x.shape)
+
+
+@pytest.mark.parametrize("op", ["mul", "div_num", "div_den", "batch_norm_eval", "layer_norm_3d", "mean", "avg_pool"])
+def test_more_rules_against_brute_force(op):
+    torch.manual_seed(8)
+    other = torch.rand(2, 3, 4) + 0.5
+    bn = nn.BatchNorm2d(3).double().eval()
+    bn.running_mean.uniform_(-1, 1)
+    bn.running_var.uniform_(0.5, 2)
+    bn.weight.data.uniform_(0.5, 2)
+    fns = {
+        "mul": lambda v: v * other,
+        "div_num": lambda v: v / other,
+        "div_den": lambda v: other / v,
+        "batch_norm_eval": lambda v: bn(v.reshape(2, 3, 2, 2)),
+        "layer_norm_3d": lambda v: F.layer_norm(v, (3, 4)),
+        "mean": lambda v: v.mean(dim=1),
+        "avg_pool": lambda v: F.avg_pool2d(v.reshape(2, 3, 2, 2), 2),
+    }
+    fn = fns[op]
+    x = (torch.rand(2, 3, 4) + 0.5).requires_grad_()
+    y = fn(x)
+    g, h = torch.randn(y.shape), torch.rand(y.shape)
+    idx = 1 if op == "div_den" else 0
+    for lm in (False, True):
+        g_in, h_in = rules.RULES[type(y.grad_fn).__name__](y.grad_fn, [g], [h], rules.Ctx(lm))
+        fit = lambda t: t.reshape(x.shape) if t.numel() == x.numel() else t.sum_to_size(x.shape)  # noqa: E731
+        h_rule = fit(h_in[idx])
+        full, gn = _brute_flat(fn, x, g, h)
+        assert torch.allclose(h_rule.reshape(x.shape), gn if lm else full, atol=1e-10), (op, lm)
+        if not lm:  # the first-order part is the ordinary gradient
+            vjp = torch.autograd.grad(y, x, g, retain_graph=True)[0]
+            assert torch.allclose(fit(g_in[idx]), vjp, atol=1e-12), op
+
+
+# ---------------------------------------------------------------------------
+# The model families of the issue: ResNet blocks and a GPT with a tied head
+# ---------------------------------------------------------------------------
+
+from obd_ext.models import GPT, LeNet5, SmallResNet  # noqa: E402
+
+
+def test_lenet5_and_resnet():
+    torch.manual_seed(9)
+    lenet = LeNet5().double()
+    x, y = torch.randn(3, 1, 28, 28), torch.randint(0, 10, (3,))
+    ob = hessian_diag(lenet, nn.CrossEntropyLoss(), (x, y), method="obd", progress=False)
+    assert set(ob) == {k for k, _ in lenet.named_parameters()}
+    net = SmallResNet(widths=(4, 6), blocks=(1, 1), classes=3).double()
+    for m in net.modules():  # non-trivial running statistics
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+    net.eval()
+    x, y = torch.randn(4, 3, 8, 8), torch.randint(0, 3, (4,))
+    ex = hessian_diag(net, nn.CrossEntropyLoss(), (x, y), method="exact", progress=False)
+    ob = hessian_diag(net, nn.CrossEntropyLoss(), (x, y), method="obd", progress=False)
+    lm = hessian_diag(net, nn.CrossEntropyLoss(), (x, y), method="lm", progress=False)
+    assert set(ob) == set(ex)
+    assert close(ob["head.weight"], ex["head.weight"]) and close(ob["head.bias"], ex["head.bias"])
+    assert all((v >= 0).all() for v in lm.values())
+    net.train()
+    with pytest.raises(UnsupportedOpError, match="BatchNorm in training mode"):
+        hessian_diag(net, nn.CrossEntropyLoss(), (x, y), method="obd", progress=False)
+
+
+def test_gpt_tied_head_and_exact_untied_head():
+    torch.manual_seed(10)
+    idx = torch.randint(0, 11, (2, 5))
+    target = torch.randint(0, 11, (10,))
+    untied = GPT(vocab=11, d=8, layers=1, heads=2, seq=5, tied=False).double()
+    ex = hessian_diag(untied, nn.CrossEntropyLoss(), (idx, target), method="exact", progress=False)
+    ob = hessian_diag(untied, nn.CrossEntropyLoss(), (idx, target), method="obd", progress=False)
+    assert set(ob) == set(ex)
+    assert close(ob["head.weight"], ex["head.weight"])  # the last layer is exact
+    assert all(torch.isfinite(v).all() for v in ob.values())
+    # Tied: the embedding's curvature is the sum of its two uses.
+    tied = GPT(vocab=11, d=8, layers=1, heads=2, seq=5, tied=True).double()
+    state = {k: v for k, v in untied.state_dict().items() if not k.startswith("head")}
+    tied.load_state_dict(state)
+    untied.head.weight.data.copy_(tied.tok.weight.data)
+    for method in ("obd", "lm"):
+        t = hessian_diag(tied, nn.CrossEntropyLoss(), (idx, target), method=method, progress=False)
+        u = hessian_diag(untied, nn.CrossEntropyLoss(), (idx, target), method=method, progress=False)
+        assert close(t["tok.weight"], u["tok.weight"] + u["head.weight"])
+        if method == "lm":
+            assert all((v >= 0).all() for v in t.values())
