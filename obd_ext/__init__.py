@@ -9,6 +9,7 @@ import torch  # noqa: F401  (must load before _C: it links against libtorch)
 
 from . import _C  # noqa: F401  loads the kernels and registers torch.ops.obd_ext
 from . import ops, reference
+from .curvature import METHODS, Curvature, CurvatureAccumulator, UnsupportedOpError, hessian_diag
 from .ops import group_saliency, saliency
 from .selection import (
     SCOPES,
@@ -45,6 +46,11 @@ __all__ = [
     "select_global",
     "select_scores",
     "has_cuda_kernels",
+    "METHODS",
+    "Curvature",
+    "CurvatureAccumulator",
+    "UnsupportedOpError",
+    "hessian_diag",
 ]
 
 

@@ -366,3 +366,43 @@ def test_gpt_tied_head_and_exact_untied_head():
         assert close(t["tok.weight"], u["tok.weight"] + u["head.weight"])
         if method == "lm":
             assert all((v >= 0).all() for v in t.values())
+
+
+def _spearman(a: torch.Tensor, b: torch.Tensor) -> float:
+    ra = torch.argsort(torch.argsort(a)).double()
+    rb = torch.argsort(torch.argsort(b)).double()
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    return float((ra * rb).sum() / (ra.norm() * rb.norm()))
+
+
+def test_saliency_ranking_on_a_trained_digits_convnet():
+    """OBD saliency from eq. 7 ranks like the exact diagonal (EQUATIONS.md: above 0.99 on digits)."""
+    from sklearn.datasets import load_digits
+
+    x, y = load_digits(return_X_y=True)
+    n = 200
+    x = torch.tensor(x[:n] / 16.0).reshape(-1, 1, 8, 8)
+    t = -torch.ones(n, 10)
+    t[torch.arange(n), torch.tensor(y[:n])] = 1.0  # +-1 targets, MSE, tanh: as in the paper
+    torch.manual_seed(11)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.Tanh(), nn.AvgPool2d(2), nn.Flatten(),
+                          nn.Linear(64, 16), nn.Tanh(), nn.Linear(16, 10), nn.Tanh()).double()
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    for _ in range(150):
+        opt.zero_grad()
+        F.mse_loss(model(x), t).backward()
+        opt.step()
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    # obd against the exact Hessian diagonal; lm against the exact Gauss-Newton diagonal
+    # (2/M) sum_rows J^2 of the outputs' Jacobian, which is what lm approximates.
+    exact_h = hessian_diag(model, nn.MSELoss(), (x, t), method="exact", progress=False)
+    jac = torch.func.jacrev(lambda p: torch.func.functional_call(model, p, (x,)))(params)
+    exact_ggn = {k: (2.0 / t.numel()) * (j ** 2).sum(dim=(0, 1)) for k, j in jac.items()}
+
+    def saliencies(h):
+        return torch.cat([(h[k] * params[k] ** 2 / 2).reshape(-1) for k in params])
+
+    for method, oracle in (("obd", exact_h), ("lm", exact_ggn)):
+        est = hessian_diag(model, nn.MSELoss(), (x, t), method=method, progress=False)
+        rho = _spearman(saliencies(est), saliencies(oracle))
+        assert rho > 0.95, (method, rho)
