@@ -47,16 +47,23 @@ def per_sample_squared(model: nn.Module, loss_fn, x: Tensor, y: Tensor, params: 
         out = model(x)
     scale = boundary_for(loss_fn)(out, sampled_targets(out, loss_fn, generator) if sample_targets else y).scale
     targets = sampled_targets(out, loss_fn, generator) if sample_targets else y
+    batch = x.shape[0]
+    # A sample may own several output rows (a sequence model whose output is
+    # (batch * tokens, vocab)): group the targets by sample.
+    rows_per_sample = targets.shape[0] // batch if targets.shape[0] % batch == 0 else None
+    if rows_per_sample is None:
+        raise ValueError(f"per-sample curvature: {targets.shape[0]} target rows cannot be split over {batch} samples")
+    grouped = targets.reshape((batch, rows_per_sample) + tuple(targets.shape[1:]))
 
     def one(p, xi, ti):
         yi = functional_call(model, {**frozen, **p}, (xi.unsqueeze(0),))
-        return loss_n(yi, ti.unsqueeze(0))
+        return loss_n(yi, ti)
 
     g_fn = vmap(grad(one), in_dims=(None, 0, 0))
     live = {k: v.detach() for k, v in params.items()}
     acc = {k: torch.zeros_like(v) for k, v in live.items()}
     for s in range(0, x.shape[0], chunk):
-        gs = g_fn(live, x[s:s + chunk], targets[s:s + chunk])
+        gs = g_fn(live, x[s:s + chunk], grouped[s:s + chunk])
         for k in acc:
             acc[k] += (gs[k] * gs[k]).sum(0)
     return {k: v * scale for k, v in acc.items()}

@@ -1,0 +1,153 @@
+"""Curvature methods against one plain forward + backward, in the same run.
+
+For each model (MLP 784-1024-1024-10 at batch 1024, LeNet-5 at 28x28 batch
+256, a ResNet-18-like net at 32x32 batch 128, a GPT-style model d=512, 4
+layers, seq 256 at vocabularies 8k and 32k) it times one batch of:
+
+- fwd+bwd:    model(x), loss, backward (the baseline every ratio divides by);
+- obd, lm:    obd_ext.hessian_diag (the back-propagated diagonal);
+- fisher, ggn-mc, hutchinson (1 sample): the other estimators;
+- BackPACK DiagGGNExact, DiagGGNMC, DiagHessian where BackPACK supports the
+  model (a benchmark-only dependency: `pip install --no-deps
+  backpack-for-pytorch einops unfoldNd`, so torch is not replaced).
+
+and reports the median seconds, the ratio to fwd+bwd, and the peak extra
+memory (bytes per parameter). `--quick` shrinks every model for a smoke run.
+
+Usage: python bench/bench_curvature.py [--quick] [--models mlp,lenet] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Callable, Dict, List, Tuple
+
+import torch
+import torch.nn as nn
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import machine, peak_extra_bytes, print_table, time_call, write_json  # noqa: E402
+
+import obd_ext  # noqa: E402
+from obd_ext.models import GPT, LeNet5, SmallResNet, mlp  # noqa: E402
+
+METHODS = ["fwd+bwd", "obd", "lm", "fisher", "ggn-mc", "hutchinson"]
+BACKPACK = ["bp:DiagGGNExact", "bp:DiagGGNMC", "bp:DiagHessian"]
+
+
+def lenet_sequential() -> nn.Sequential:
+    m = LeNet5()
+    return nn.Sequential(*m.features, *m.classifier)
+
+
+def cases(quick: bool) -> Dict[str, Tuple[Callable[[], nn.Module], Callable[[], Tuple[torch.Tensor, torch.Tensor]], bool]]:
+    """name -> (model factory, batch factory, BackPACK-compatible)."""
+    g = torch.Generator().manual_seed(0)
+    if quick:
+        return {
+            "mlp": (lambda: mlp((64, 32, 32, 10)), lambda: (torch.randn(32, 64, generator=g),
+                                                           torch.randint(0, 10, (32,), generator=g)), True),
+            "lenet": (lenet_sequential, lambda: (torch.randn(8, 1, 28, 28, generator=g),
+                                                 torch.randint(0, 10, (8,), generator=g)), True),
+            "resnet": (lambda: SmallResNet(widths=(8, 16), blocks=(1, 1)).eval(),
+                       lambda: (torch.randn(4, 3, 16, 16, generator=g), torch.randint(0, 10, (4,), generator=g)),
+                       False),
+            "gpt-v512": (lambda: GPT(vocab=512, d=32, layers=2, heads=4, seq=16),
+                         lambda: (torch.randint(0, 512, (2, 16), generator=g),
+                                  torch.randint(0, 512, (32,), generator=g)), False),
+        }
+    return {
+        "mlp": (lambda: mlp((784, 1024, 1024, 10)), lambda: (torch.randn(1024, 784, generator=g),
+                                                              torch.randint(0, 10, (1024,), generator=g)), True),
+        "lenet": (lenet_sequential, lambda: (torch.randn(256, 1, 28, 28, generator=g),
+                                             torch.randint(0, 10, (256,), generator=g)), True),
+        "resnet18": (lambda: SmallResNet().eval(), lambda: (torch.randn(128, 3, 32, 32, generator=g),
+                                                            torch.randint(0, 10, (128,), generator=g)), False),
+        "gpt-v8k": (lambda: GPT(vocab=8192, d=512, layers=4, heads=8, seq=256),
+                    lambda: (torch.randint(0, 8192, (4, 256), generator=g),
+                             torch.randint(0, 8192, (1024,), generator=g)), False),
+        "gpt-v32k": (lambda: GPT(vocab=32768, d=512, layers=4, heads=8, seq=256),
+                     lambda: (torch.randint(0, 32768, (4, 256), generator=g),
+                              torch.randint(0, 32768, (1024,), generator=g)), False),
+    }
+
+
+def run_method(name: str, model: nn.Module, loss_fn, x, y) -> Callable[[], object]:
+    if name == "fwd+bwd":
+        def f():
+            model.zero_grad(set_to_none=True)
+            loss_fn(model(x), y).backward()
+        return f
+    if name.startswith("bp:"):
+        import backpack
+        from backpack import extensions
+
+        ext = getattr(extensions, name[3:])()
+        bmodel = backpack.extend(model)
+        bloss = backpack.extend(type(loss_fn)())  # its own copy: extend() adds hooks to the module
+
+        def f():
+            bmodel.zero_grad(set_to_none=True)
+            with backpack.backpack(ext):
+                bloss(bmodel(x), y).backward()
+        return f
+    return lambda: obd_ext.hessian_diag(model, loss_fn, (x, y), method=name, progress=False)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--models", default=None, help="comma-separated subset of the cases")
+    p.add_argument("--methods", default=",".join(METHODS + BACKPACK))
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--json", default=None)
+    args = p.parse_args(argv)
+    try:
+        import backpack  # noqa: F401
+
+        have_backpack = True
+    except ImportError:
+        have_backpack = False
+        print("BackPACK not installed: its rows are skipped (pip install --no-deps backpack-for-pytorch einops unfoldNd)")
+    print("machine:", machine())
+    all_cases = cases(args.quick)
+    names = args.models.split(",") if args.models else list(all_cases)
+    rows: List[Dict] = []
+    loss_fn = nn.CrossEntropyLoss()
+    for case in names:
+        make_model, make_batch, bp_ok = all_cases[case]
+        torch.manual_seed(0)
+        model = make_model()
+        x, y = make_batch()
+        n_params = sum(p.numel() for p in model.parameters())
+        base = None
+        for method in args.methods.split(","):
+            if method.startswith("bp:") and not (bp_ok and have_backpack):
+                continue
+            m = make_model() if method.startswith("bp:") else model
+            if method.startswith("bp:"):
+                m.load_state_dict(model.state_dict())
+            try:
+                fn = run_method(method, m, loss_fn, x, y)
+                fn()  # warm-up, and any error surfaces here
+                secs = time_call(fn, "cpu", args.repeats, warmup=0)
+                mem = peak_extra_bytes(fn, "cpu")
+            except Exception as e:  # a method that cannot handle the model is reported, not fatal
+                print(f"  {case} {method}: {type(e).__name__}: {str(e)[:120]}")
+                continue
+            if method == "fwd+bwd":
+                base = secs
+            rows.append({"model": case, "params": n_params, "method": method, "seconds": secs,
+                         "x_fwd_bwd": secs / base if base else None,
+                         "extra_bytes_per_param": None if mem is None else mem / n_params})
+            print(f"  {case:>9} {method:>16} {secs:8.4f} s  x{secs / base if base else float('nan'):.2f}", flush=True)
+    print()
+    print_table(rows, ["model", "params", "method", "seconds", "x_fwd_bwd", "extra_bytes_per_param"])
+    write_json(args.json, {"machine": machine(), "results": rows})
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
