@@ -38,14 +38,27 @@ class UnsupportedOpError(NotImplementedError):
 
 
 class Ctx:
-    """What rules need to know about the sweep: OBD (with f'' terms) or LM."""
+    """What rules need to know about the sweep: OBD (with f'' terms) or LM,
+    and which of the current node's inputs need the first-order gradient
+    (only those with an f'' term somewhere below; never a parameter)."""
 
     def __init__(self, lm: bool):
         self.lm = lm
+        self.g_wanted: Sequence[bool] = ()
+
+    def wants(self, i: int) -> bool:
+        return not self.lm and (i < len(self.g_wanted) and self.g_wanted[i])
 
     @property
     def need_g(self) -> bool:
-        return not self.lm
+        return not self.lm and any(self.g_wanted)
+
+
+# Nodes whose rule uses the gradient at their output (an f'' term).
+SECOND_ORDER = {
+    "TanhBackward0", "SigmoidBackward0", "EluBackward0", "GeluBackward0", "SiluBackward0", "SoftplusBackward0",
+    "DivBackward0", "SoftmaxBackward0", "NativeLayerNormBackward0",
+}
 
 
 def _call(node, outs: Grads) -> Tuple[Optional[Tensor], ...]:
@@ -172,14 +185,14 @@ def elementwise(derivs: Callable) -> Callable:
 # ---------------------------------------------------------------------------
 
 
-def _mm_rule(a: Tensor, b: Tensor, g: Optional[Tensor], h: Tensor, ctx: Ctx, need_a: bool, need_b: bool,
-             scale: float = 1.0):
+def _mm_rule(a: Tensor, b: Tensor, g: Optional[Tensor], h: Tensor, need_a: bool, need_b: bool,
+             g_a_wanted: bool, g_b_wanted: bool, scale: float = 1.0):
     """y = scale * a @ b (batched allowed): H_a = s^2 H (b*b)^T, H_b = s^2 (a*a)^T H."""
     s2 = scale * scale
     h_a = (h @ (b * b).transpose(-1, -2)) * s2 if need_a else None
     h_b = ((a * a).transpose(-1, -2) @ h) * s2 if need_b else None
-    g_a = (g @ b.transpose(-1, -2)) * scale if need_a and ctx.need_g and g is not None else None
-    g_b = (a.transpose(-1, -2) @ g) * scale if need_b and ctx.need_g and g is not None else None
+    g_a = (g @ b.transpose(-1, -2)) * scale if need_a and g_a_wanted and g is not None else None
+    g_b = (a.transpose(-1, -2) @ g) * scale if need_b and g_b_wanted and g is not None else None
     return g_a, g_b, h_a, h_b
 
 
@@ -190,14 +203,14 @@ def _needs(node) -> List[bool]:
 def mm(node, g: Grads, h: Grads, ctx: Ctx):
     na, nb = _needs(node)
     a, b = node._saved_self, node._saved_mat2
-    g_a, g_b, h_a, h_b = _mm_rule(a, b, g[0], h[0], ctx, na, nb)
+    g_a, g_b, h_a, h_b = _mm_rule(a, b, g[0], h[0], na, nb, ctx.wants(0), ctx.wants(1))
     return (g_a, g_b), (h_a, h_b)
 
 
 def bmm(node, g: Grads, h: Grads, ctx: Ctx):
     na, nb = _needs(node)
     a, b = node._saved_self, node._saved_mat2
-    g_a, g_b, h_a, h_b = _mm_rule(a, b, g[0], h[0], ctx, na, nb)
+    g_a, g_b, h_a, h_b = _mm_rule(a, b, g[0], h[0], na, nb, ctx.wants(0), ctx.wants(1))
     return (g_a, g_b), (h_a, h_b)
 
 
@@ -206,10 +219,10 @@ def addmm(node, g: Grads, h: Grads, ctx: Ctx):
     nbias, na, nb = _needs(node)
     alpha, beta = float(node._saved_alpha), float(node._saved_beta)
     a, b = node._saved_mat1, node._saved_mat2
-    g_a, g_b, h_a, h_b = _mm_rule(a, b, g[0], h[0], ctx, na, nb, alpha)
+    g_a, g_b, h_a, h_b = _mm_rule(a, b, g[0], h[0], na, nb, ctx.wants(1), ctx.wants(2), alpha)
     # The bias is broadcast over rows: the sweep sums its H over them.
     h_bias = h[0] * (beta * beta) if nbias else None
-    g_bias = g[0] * beta if nbias and ctx.need_g and g[0] is not None else None
+    g_bias = g[0] * beta if nbias and ctx.wants(0) and g[0] is not None else None
     return (g_bias, g_a, g_b), (h_bias, h_a, h_b)
 
 
@@ -224,7 +237,7 @@ def convolution(node, g: Grads, h: Grads, ctx: Ctx):
     h_x, h_w, h_b = torch.ops.aten.convolution_backward(
         h[0], x * x, w * w, bias_sizes, stride, padding, dilation, transposed, out_pad, groups, mask)
     g_x = None
-    if ctx.need_g and n_in and g[0] is not None:
+    if ctx.wants(0) and n_in and g[0] is not None:
         g_x = torch.ops.aten.convolution_backward(
             g[0], x, w, None, stride, padding, dilation, transposed, out_pad, groups, [True, False, False])[0]
     return (g_x, None, None), (h_x, h_w, h_b)
@@ -239,7 +252,8 @@ def add(node, g: Grads, h: Grads, ctx: Ctx, sign: float = 1.0):
     """y = a + alpha * b (sign -1: a - alpha * b): H passes through, times alpha^2 for b."""
     alpha = float(getattr(node, "_saved_alpha", 1.0)) * sign
     h_in = (h[0], h[0] * (alpha * alpha))
-    g_in = (g[0], g[0] * alpha) if ctx.need_g and g[0] is not None else (None, None)
+    g_in = (g[0] if ctx.wants(0) else None, g[0] * alpha if ctx.wants(1) else None) if g[0] is not None \
+        else (None, None)
     return g_in, h_in
 
 
@@ -253,8 +267,8 @@ def mul(node, g: Grads, h: Grads, ctx: Ctx):
     na, nb = _needs(node)
     h_a = h[0] * b * b if na else None
     h_b = h[0] * a * a if nb else None
-    g_a = g[0] * b if na and ctx.need_g and g[0] is not None else None
-    g_b = g[0] * a if nb and ctx.need_g and g[0] is not None else None
+    g_a = g[0] * b if na and ctx.wants(0) and g[0] is not None else None
+    g_b = g[0] * a if nb and ctx.wants(1) and g[0] is not None else None
     return (g_a, g_b), (h_a, h_b)
 
 
@@ -269,8 +283,8 @@ def div(node, g: Grads, h: Grads, ctx: Ctx):
         h_b = d1 * d1 * h[0]
         if not ctx.lm and g[0] is not None:
             h_b = h_b + (2 * a / (b * b * b)) * g[0]
-    g_a = g[0] / b if na and ctx.need_g and g[0] is not None else None
-    g_b = g[0] * (-a / (b * b)) if nb and ctx.need_g and g[0] is not None else None
+    g_a = g[0] / b if na and ctx.wants(0) and g[0] is not None else None
+    g_b = g[0] * (-a / (b * b)) if nb and ctx.wants(1) and g[0] is not None else None
     return (g_a, g_b), (h_a, h_b)
 
 
@@ -308,7 +322,7 @@ def softmax(node, g: Grads, h: Grads, ctx: Ctx):
     if g[0] is not None and not ctx.lm:
         t = (g[0] * y).sum(dim, keepdim=True)
         h_in = h_in + y * (2 * y - 1) * (t - g[0])
-        g_in = y * (g[0] - t)
+        g_in = y * (g[0] - t) if ctx.wants(0) else None
     return (g_in,), (h_in,)
 
 
@@ -339,7 +353,7 @@ def layer_norm(node, g: Grads, h: Grads, ctx: Ctx):
         Asum = a.sum(dims, keepdim=True)
         B = (a * xh).sum(dims, keepdim=True)
         h_x = h_x - (r2 / n) * (2 * xh * (a - Asum / n) + B * (1 - 1.0 / n - 3 * xh * xh / n))
-        g_x = rstd * (a - Asum / n - xh * B / n)
+        g_x = rstd * (a - Asum / n - xh * B / n) if ctx.wants(0) else None
     batch_dims = tuple(range(x.dim() - k))
     h_w = (xh * xh * hh).sum(batch_dims) if n_w and weight is not None else None
     h_b = hh.sum(batch_dims) if n_b and bias is not None else None
@@ -363,7 +377,7 @@ def batch_norm(node, g: Grads, h: Grads, ctx: Ctx):
     red = [0] + list(range(2, x.dim()))
     c = gamma * rstd
     h_x = h[0] * c * c if n_x else None
-    g_x = g[0] * c if n_x and ctx.need_g and g[0] is not None else None
+    g_x = g[0] * c if n_x and ctx.wants(0) and g[0] is not None else None
     h_w = (xh * xh * h[0]).sum(red) if n_w else None
     h_b = h[0].sum(red) if n_b else None
     return (g_x, None, None), (h_x, h_w, h_b)

@@ -22,7 +22,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from .rules import Ctx, rule_for
+from .rules import SECOND_ORDER, Ctx, rule_for
 
 __all__ = ["sweep"]
 
@@ -72,8 +72,29 @@ def sweep(output: Tensor, g_out: Optional[Tensor], h_out: Tensor, lm: bool,
                 seen.add(child)
                 stack.append(child)
 
+    # Topological order (consumers before producers), then which nodes need the
+    # first-order gradient at their outputs: those with an f'' term and those
+    # that pass g on to one. Parameters never do, so OBD skips the weight
+    # gradients of the ordinary backward pass.
+    order: List[object] = []
+    pending = dict(deps)
+    queue = [root]
+    while queue:
+        node = queue.pop()
+        order.append(node)
+        for child, _ in node.next_functions:
+            if child is not None:
+                pending[child] -= 1
+                if pending[child] == 0:
+                    queue.append(child)
+    needs_g: Dict[object, bool] = {}
+    for node in reversed(order):
+        needs_g[node] = not lm and not hasattr(node, "variable") and (
+            type(node).__name__ in SECOND_ORDER
+            or any(child is not None and needs_g[child] for child, _ in node.next_functions))
+
     buffers: Dict[object, Dict[int, Tuple[Optional[Tensor], Optional[Tensor]]]] = {
-        root: {output.output_nr: (None if lm else g_out, h_out)}}
+        root: {output.output_nr: (g_out if needs_g[root] else None, h_out)}}
     results: Dict[str, Tensor] = {}
     ready: List[object] = [root]
     while ready:
@@ -93,6 +114,7 @@ def sweep(output: Tensor, g_out: Optional[Tensor], h_out: Tensor, lm: bool,
         if all(x is None for x in h):
             g_in, h_in = (None,) * len(children), (None,) * len(children)
         else:
+            ctx.g_wanted = [child is not None and needs_g[child] for child, _ in children]
             g_in, h_in = rule_for(node)(node, g, h, ctx)
         for (child, idx), gi, hi in zip(children, g_in, h_in):
             if child is None:
