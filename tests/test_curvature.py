@@ -408,3 +408,37 @@ def test_saliency_ranking_on_a_trained_digits_convnet():
         est = hessian_diag(model, nn.MSELoss(), (x, t), method=method, progress=False)
         rho = _spearman(saliencies(est), saliencies(oracle))
         assert rho > 0.95, (method, rho)
+
+
+# ---------------------------------------------------------------------------
+# Against an independent implementation of the same recursion
+# (tests/oracle_recursion.py, written apart from obd_ext/curvature)
+# ---------------------------------------------------------------------------
+
+from oracle_recursion import recursion_diag  # noqa: E402
+
+ORACLE_MODELS = {
+    "mlp-" + name: (lambda a=a: nn.Sequential(nn.Linear(6, 7), a(), nn.Linear(7, 5), a(), nn.Linear(5, 4)), (9, 6))
+    for name, a in [("tanh", nn.Tanh), ("sigmoid", nn.Sigmoid), ("relu", nn.ReLU), ("leaky", nn.LeakyReLU),
+                    ("elu", nn.ELU), ("gelu", nn.GELU), ("silu", nn.SiLU), ("softplus", nn.Softplus),
+                    ("hardtanh", nn.Hardtanh)]
+}
+ORACLE_MODELS["convnet"] = (lambda: nn.Sequential(
+    nn.Conv2d(2, 3, 3, padding=1), nn.Tanh(), nn.MaxPool2d(2), nn.Conv2d(3, 4, 3, stride=2, padding=1), nn.SiLU(),
+    nn.AvgPool2d(2), nn.Flatten(), nn.Linear(4, 4)), (5, 2, 8, 8))
+
+
+@pytest.mark.parametrize("name", list(ORACLE_MODELS))
+@pytest.mark.parametrize("loss,reduction", [("mse", "sum"), ("mse", "mean"), ("ce", "mean")])
+def test_sweep_equals_the_independent_recursion(name, loss, reduction):
+    make, shape = ORACLE_MODELS[name]
+    torch.manual_seed(12)
+    model = make().double()
+    x = torch.randn(*shape)
+    y = torch.randn(shape[0], 4) if loss == "mse" else torch.randint(0, 4, (shape[0],))
+    loss_fn = nn.MSELoss(reduction=reduction) if loss == "mse" else nn.CrossEntropyLoss(reduction=reduction)
+    for lm in (False, True):
+        ours = hessian_diag(model, loss_fn, (x, y), method="lm" if lm else "obd", reduction="sum", progress=False)
+        oracle = recursion_diag(model, x, y, loss, reduction, lm)
+        for k in oracle:
+            assert close(ours[k], oracle[k], 1e-12), (name, loss, lm, k)
