@@ -133,6 +133,30 @@ inline GroupShape group_shape(const at::Tensor& w, int64_t dim) {
   return g;
 }
 
+// ---------------------------------------------------------------------------
+// activation_hessian
+// ---------------------------------------------------------------------------
+inline void check_activation_args(const at::Tensor& saved, const at::Tensor& h, const c10::optional<at::Tensor>& g,
+                                  int64_t kind, bool lm, bool want_g) {
+  const char* op = "activation_hessian";
+  TORCH_CHECK(kind >= 0 && kind < kNumActKinds, "obd_ext.", op, ": kind must be in [0, ", int(kNumActKinds),
+              "), got ", kind);
+  check_float(op, "saved", saved);
+  check_float(op, "h", h);
+  check_same_shape(op, "saved", saved, "h", h);
+  check_same_device(op, "saved", saved, "h", h);
+  TORCH_CHECK(saved.scalar_type() == h.scalar_type(), "obd_ext.", op, ": saved and h must have one dtype, got ",
+              saved.scalar_type(), " and ", h.scalar_type());
+  const bool has_g = g.has_value() && g->defined();
+  TORCH_CHECK(has_g || (lm && !want_g), "obd_ext.", op, ": g is required unless lm=True and want_g=False");
+  if (has_g) {
+    check_same_shape(op, "saved", saved, "g", *g);
+    check_same_device(op, "saved", saved, "g", *g);
+    TORCH_CHECK(g->scalar_type() == h.scalar_type(), "obd_ext.", op, ": g must have the dtype of h (",
+                h.scalar_type(), "), got ", g->scalar_type());
+  }
+}
+
 inline at::Tensor make_stats(const at::Tensor& like) {
   return at::zeros({kNumStats}, like.options().dtype(at::kDouble));
 }

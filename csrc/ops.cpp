@@ -41,6 +41,15 @@ TORCH_LIBRARY(obd_ext, m) {
 
   // N:M: in every group of m consecutive entries along the last dimension,
   // keep the n most salient (at least m - n deleted per group).
+  // Curvature sweep, activation rule (OBD eq. 7) in one pass:
+  //   h_in = f'(v)^2 h + f''(v) g (lm: f'' term dropped), g_in = f'(v) g.
+  // `saved` is what autograd saved for the activation (see ActKind in
+  // csrc/kernels/common.h); p0..p2 its parameters. g may be undefined (lm, or
+  // no gradient needed); g_in is empty unless want_g.
+  m.def(
+      "activation_hessian(Tensor saved, Tensor h, Tensor? g, int kind, float p0, float p1, float p2, "
+      "bool lm, bool want_g) -> (Tensor, Tensor)");
+
   m.def(
       "nm_select_(Tensor(a!) weight, Tensor curvature, Tensor(b!) mask, int n, int m, "
       "float? factor, bool skip_nonfinite) -> Tensor");

@@ -16,7 +16,7 @@ from torch import Tensor
 from . import _C  # noqa: F401  (loads the kernels)
 from .reference import NUM_STATS, saliency_dtype
 
-__all__ = ["saliency", "group_saliency", "global_select_", "row_select_", "nm_select_"]
+__all__ = ["saliency", "group_saliency", "global_select_", "row_select_", "nm_select_", "activation_hessian"]
 
 _ops = torch.ops.obd_ext
 
@@ -55,6 +55,12 @@ def nm_select_(
 ) -> Tensor:
     """N:M selection in place; see the schema in csrc/ops.cpp."""
     return _ops.nm_select_.default(weight, curvature, mask, n, m, factor, skip_nonfinite)
+
+
+def activation_hessian(saved: Tensor, h: Tensor, g: Optional[Tensor], kind: int, p0: float = 0.0, p1: float = 0.0,
+                       p2: float = 0.0, lm: bool = False, want_g: bool = False) -> tuple:
+    """The curvature sweep's activation rule in one pass; see the schema in csrc/ops.cpp."""
+    return _ops.activation_hessian.default(saved, h, g, kind, p0, p1, p2, lm, want_g)
 
 
 # ---------------------------------------------------------------------------
@@ -104,6 +110,13 @@ def _row_select_fake(weight, curvature, mask, k, factor, skip_nonfinite) -> Tens
 def _nm_select_fake(weight, curvature, mask, n, m, factor, skip_nonfinite) -> Tensor:
     _check_one_device("nm_select_", weight, curvature, mask)
     return _stats_fake(weight)
+
+
+@torch.library.register_fake("obd_ext::activation_hessian")
+def _activation_hessian_fake(saved, h, g, kind, p0, p1, p2, lm, want_g):
+    _check_one_device("activation_hessian", saved, h, g)
+    torch._check(saved.shape == h.shape, lambda: "obd_ext.activation_hessian: saved and h shapes differ")
+    return torch.empty_like(h), (torch.empty_like(h) if want_g else h.new_empty(0))
 
 
 # ---------------------------------------------------------------------------

@@ -23,6 +23,9 @@ __all__ = [
     "row_select_",
     "nm_select_",
     "NUM_STATS",
+    "ACT_KINDS",
+    "activation_derivatives",
+    "activation_hessian",
 ]
 
 # Layout of the float64 statistics every selection op returns.
@@ -204,3 +207,68 @@ def nm_select_(
         return t.reshape(outer, c // m, inner, m).permute(0, 1, 3, 2).reshape(shape)
 
     return _apply_segments(weight, curvature, mask, to2d, from2d, m - n, factor, skip_nonfinite)
+
+
+# ---------------------------------------------------------------------------
+# Curvature sweep: the activation rule (OBD eq. 7)
+# ---------------------------------------------------------------------------
+
+# Activation kinds, numbered as ActKind in csrc/kernels/common.h. The saved
+# tensor is the activation's output for tanh, sigmoid and relu, its input
+# otherwise; p0..p2 are its parameters.
+ACT_KINDS = {
+    "tanh": 0, "sigmoid": 1, "relu": 2, "leaky_relu": 3, "elu": 4, "gelu": 5, "gelu_tanh": 6, "silu": 7,
+    "softplus": 8, "hardtanh": 9,
+}
+
+
+def activation_derivatives(kind: int, v: Tensor, p0: float = 0.0, p1: float = 0.0, p2: float = 0.0):
+    """(f', f'') of activation ``kind`` from its saved tensor ``v`` (closed forms)."""
+    one, zero = torch.ones_like(v), torch.zeros_like(v)
+    if kind == 0:  # tanh, v = output
+        d1 = 1 - v * v
+        return d1, -2 * v * d1
+    if kind == 1:  # sigmoid, v = output
+        d1 = v * (1 - v)
+        return d1, d1 * (1 - 2 * v)
+    if kind == 2:  # relu, v = output
+        return torch.where(v > 0, one, zero), zero
+    if kind == 3:  # leaky relu
+        return torch.where(v > 0, one, torch.full_like(v, p0)), zero
+    if kind == 4:  # elu: alpha, scale, input scale
+        neg = p1 * p0 * p2 * torch.exp(v * p2)
+        return torch.where(v > 0, torch.full_like(v, p1), neg), torch.where(v > 0, zero, neg * p2)
+    if kind == 5:  # gelu (erf)
+        pdf = torch.exp(-0.5 * v * v) / math.sqrt(2 * math.pi)
+        cdf = 0.5 * (1 + torch.erf(v / math.sqrt(2)))
+        return cdf + v * pdf, pdf * (2 - v * v)
+    if kind == 6:  # gelu, tanh approximation
+        k, c = math.sqrt(2 / math.pi), 0.044715
+        u, du, ddu = k * (v + c * v ** 3), k * (1 + 3 * c * v * v), k * 6 * c * v
+        t = torch.tanh(u)
+        sech2 = 1 - t * t
+        return 0.5 * (1 + t) + 0.5 * v * sech2 * du, sech2 * du + 0.5 * v * (-2 * t * sech2 * du * du + sech2 * ddu)
+    if kind == 7:  # silu
+        s = torch.sigmoid(v)
+        return s * (1 + v * (1 - s)), s * (1 - s) * (2 + v * (1 - 2 * s))
+    if kind == 8:  # softplus: beta, threshold
+        s = torch.sigmoid(p0 * v)
+        lin = p0 * v > p1
+        return torch.where(lin, one, s), torch.where(lin, zero, p0 * s * (1 - s))
+    if kind == 9:  # hardtanh: min, max
+        return torch.where((v > p0) & (v < p1), one, zero), zero
+    raise ValueError(f"unknown activation kind {kind}")
+
+
+def activation_hessian(saved: Tensor, h: Tensor, g: Optional[Tensor], kind: int, p0: float, p1: float, p2: float,
+                       lm: bool, want_g: bool) -> tuple[Tensor, Tensor]:
+    """``h_in = f'^2 h + f'' g`` (lm: without the f'' term), ``g_in = f' g``, computed in fp32/fp64."""
+    acc = torch.float64 if saved.dtype == torch.float64 else torch.float32
+    d1, d2 = activation_derivatives(kind, saved.to(acc), p0, p1, p2)
+    hh = h.to(acc)
+    h_in = d1 * d1 * hh
+    if g is not None and not lm:
+        h_in = h_in + d2 * g.to(acc)
+    g_in = (d1 * g.to(acc)).to(h.dtype) if want_g and g is not None else (
+        torch.zeros_like(h) if want_g else h.new_empty(0))
+    return h_in.to(h.dtype), g_in

@@ -7,10 +7,21 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import obd_ext
+from obd_ext import reference
 from obd_ext.curvature import CurvatureAccumulator, UnsupportedOpError, hessian_diag
 from obd_ext.curvature import rules
 
-torch.set_default_dtype(torch.float64)
+
+
+@pytest.fixture(autouse=True)
+def float64_by_default():
+    """Every test here works in float64; restore the default for other modules."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
+
 
 ACTS = [nn.Tanh, nn.Sigmoid, nn.ReLU, nn.LeakyReLU, nn.ELU, nn.GELU, lambda: nn.GELU(approximate="tanh"), nn.SiLU,
         nn.Softplus, nn.Hardtanh]
@@ -234,12 +245,16 @@ def test_bad_arguments():
 def test_activation_derivatives(act):
     x = (torch.randn(200) * 3).requires_grad_()
     y = act()(x)
-    d1, d2 = rules.ACTIVATIONS[type(y.grad_fn).__name__](y.grad_fn)
+    v, kind, ps = rules.ACTIVATIONS[type(y.grad_fn).__name__](y.grad_fn)
+    d1, d2 = reference.activation_derivatives(kind, v, *ps)
     g1 = torch.autograd.grad(y.sum(), x, create_graph=True)[0]
     assert torch.allclose(d1, g1.detach(), atol=1e-12)
-    if d2 is not None:
-        g2 = torch.autograd.grad(g1.sum(), x)[0]
-        assert torch.allclose(d2, g2, atol=1e-10)
+    g2 = torch.autograd.grad(g1.sum(), x, allow_unused=True)[0]
+    assert torch.allclose(d2, torch.zeros_like(d2) if g2 is None else g2, atol=1e-10)
+    # the fused kernel applies them: h_in = d1^2 h + d2 g, g_in = d1 g
+    h, g = torch.rand(200), torch.randn(200)
+    h_in, g_in = obd_ext.ops.activation_hessian(v.detach(), h, g, kind, *ps, False, True)
+    assert torch.allclose(h_in, d1 * d1 * h + d2 * g, atol=1e-12) and torch.allclose(g_in, d1 * g, atol=1e-12)
 
 
 def _brute(fn, x_row, g_row, h_row):

@@ -203,3 +203,103 @@ inline int grid_for(int64_t work_items, int per_block, int max_blocks = 65535 * 
 
 }  // namespace obd
 #endif  // __CUDACC__
+
+// ---------------------------------------------------------------------------
+// Activation rules of the curvature sweep (OBD eq. 7), shared by the CPU and
+// CUDA kernels of obd_ext::activation_hessian:
+//   H_a = f'(a)^2 H_x + f''(a) G_x,   G_a = f'(a) G_x.
+// `v` is the tensor autograd saved for the activation: its output for tanh,
+// sigmoid and relu, its input for the others. p0..p2 are the activation's
+// parameters (slope; alpha, scale, input scale; beta, threshold; min, max).
+// ---------------------------------------------------------------------------
+#if defined(__CUDA_ARCH__)
+#define OBD_MATH(f) ::f
+#else
+#include <cmath>
+#define OBD_MATH(f) std::f
+#endif
+
+namespace obd {
+
+enum ActKind : int32_t {
+  kActTanh = 0,       // v = output
+  kActSigmoid = 1,    // v = output
+  kActRelu = 2,       // v = output
+  kActLeakyRelu = 3,  // p0 = negative slope
+  kActElu = 4,        // p0 = alpha, p1 = scale, p2 = input scale
+  kActGelu = 5,       // exact (erf)
+  kActGeluTanh = 6,   // tanh approximation
+  kActSilu = 7,
+  kActSoftplus = 8,   // p0 = beta, p1 = threshold
+  kActHardtanh = 9,   // p0 = min, p1 = max
+  kNumActKinds = 10
+};
+
+template <typename S>
+OBD_HOST_DEVICE void act_derivs(int kind, S v, S p0, S p1, S p2, S* d1, S* d2) {
+  const S one = S(1), zero = S(0);
+  switch (kind) {
+    case kActTanh: *d1 = one - v * v; *d2 = S(-2) * v * *d1; break;
+    case kActSigmoid: *d1 = v * (one - v); *d2 = *d1 * (one - S(2) * v); break;
+    case kActRelu: *d1 = v > zero ? one : zero; *d2 = zero; break;
+    case kActLeakyRelu: *d1 = v > zero ? one : p0; *d2 = zero; break;
+    case kActElu: {
+      if (v > zero) {
+        *d1 = p1;
+        *d2 = zero;
+      } else {
+        const S neg = p1 * p0 * p2 * OBD_MATH(exp)(v * p2);
+        *d1 = neg;
+        *d2 = neg * p2;
+      }
+      break;
+    }
+    case kActGelu: {
+      const S pdf = OBD_MATH(exp)(S(-0.5) * v * v) * S(0.3989422804014327);  // 1/sqrt(2 pi)
+      const S cdf = S(0.5) * (one + OBD_MATH(erf)(v * S(0.7071067811865476)));
+      *d1 = cdf + v * pdf;
+      *d2 = pdf * (S(2) - v * v);
+      break;
+    }
+    case kActGeluTanh: {
+      const S k = S(0.7978845608028654), c = S(0.044715);  // sqrt(2/pi)
+      const S u = k * (v + c * v * v * v);
+      const S du = k * (one + S(3) * c * v * v);
+      const S ddu = k * S(6) * c * v;
+      const S t = OBD_MATH(tanh)(u);
+      const S sech2 = one - t * t;
+      *d1 = S(0.5) * (one + t) + S(0.5) * v * sech2 * du;
+      *d2 = sech2 * du + S(0.5) * v * (S(-2) * t * sech2 * du * du + sech2 * ddu);
+      break;
+    }
+    case kActSilu: {
+      const S s = one / (one + OBD_MATH(exp)(-v));
+      *d1 = s * (one + v * (one - s));
+      *d2 = s * (one - s) * (S(2) + v * (one - S(2) * s));
+      break;
+    }
+    case kActSoftplus: {
+      if (p0 * v > p1) {
+        *d1 = one;
+        *d2 = zero;
+      } else {
+        const S s = one / (one + OBD_MATH(exp)(-p0 * v));
+        *d1 = s;
+        *d2 = p0 * s * (one - s);
+      }
+      break;
+    }
+    default: /* kActHardtanh */ *d1 = (v > p0 && v < p1) ? one : zero; *d2 = zero; break;
+  }
+}
+
+// One element of the rule: h_in = d1^2 h + d2 g (lm: without d2 g), g_in = d1 g.
+template <typename S>
+OBD_HOST_DEVICE void act_rule(int kind, S v, S h, S g, bool lm, S p0, S p1, S p2, S* h_in, S* g_in) {
+  S d1, d2;
+  act_derivs<S>(kind, v, p0, p1, p2, &d1, &d2);
+  *h_in = lm ? d1 * d1 * h : d1 * d1 * h + d2 * g;
+  *g_in = d1 * g;
+}
+
+}  // namespace obd

@@ -25,8 +25,9 @@ import math
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
+
+from .. import ops, reference
 
 __all__ = ["UnsupportedOpError", "RULES", "Ctx", "rule_for"]
 
@@ -84,98 +85,42 @@ def index_map(node, g: Grads, h: Grads, ctx: Ctx):
 # ---------------------------------------------------------------------------
 
 
-def _d_tanh(node):
-    y = node._saved_result
-    d1 = 1 - y * y
-    return d1, -2 * y * d1
+K = reference.ACT_KINDS
 
 
-def _d_sigmoid(node):
-    y = node._saved_result
-    d1 = y * (1 - y)
-    return d1, d1 * (1 - 2 * y)
-
-
-def _d_relu(node):
-    y = node._saved_result
-    return (y > 0).to(y.dtype), None
-
-
-def _d_leaky_relu(node):
-    x = node._saved_self
-    slope = node._saved_negative_slope
-    return torch.where(x > 0, torch.ones_like(x), torch.full_like(x, slope)), None
-
-
-def _d_elu(node):
-    x = node._saved_self
-    alpha, scale, in_scale = node._saved_alpha, node._saved_scale, node._saved_input_scale
-    neg = scale * alpha * in_scale * torch.exp(x * in_scale)
-    d1 = torch.where(x > 0, torch.full_like(x, scale), neg)
-    d2 = torch.where(x > 0, torch.zeros_like(x), neg * in_scale)
-    return d1, d2
-
-
-def _d_gelu(node):
-    x = node._saved_self
-    if node._saved_approximate == "tanh":
-        k = math.sqrt(2.0 / math.pi)
-        u = k * (x + 0.044715 * x ** 3)
-        du = k * (1 + 3 * 0.044715 * x * x)
-        ddu = k * 6 * 0.044715 * x
-        t = torch.tanh(u)
-        sech2 = 1 - t * t
-        d1 = 0.5 * (1 + t) + 0.5 * x * sech2 * du
-        d2 = sech2 * du + 0.5 * x * (-2 * t * sech2 * du * du + sech2 * ddu)
-        return d1, d2
-    pdf = torch.exp(-0.5 * x * x) / math.sqrt(2 * math.pi)
-    cdf = 0.5 * (1 + torch.erf(x / math.sqrt(2)))
-    return cdf + x * pdf, pdf * (2 - x * x)
-
-
-def _d_silu(node):
-    x = node._saved_self
-    s = torch.sigmoid(x)
-    return s * (1 + x * (1 - s)), s * (1 - s) * (2 + x * (1 - 2 * s))
-
-
-def _d_softplus(node):
-    x = node._saved_self
-    beta, threshold = node._saved_beta, node._saved_threshold
-    s = torch.sigmoid(beta * x)
-    linear = beta * x > threshold
-    d1 = torch.where(linear, torch.ones_like(x), s)
-    d2 = torch.where(linear, torch.zeros_like(x), beta * s * (1 - s))
-    return d1, d2
-
-
-def _d_hardtanh(node):
-    x = node._saved_self
-    lo, hi = node._saved_min_val, node._saved_max_val
-    return ((x > lo) & (x < hi)).to(x.dtype), None
+def _params(*names):
+    """Spec of an activation node: (saved tensor, kind, (p0, p1, p2)) for ops.activation_hessian."""
+    def spec(kind_name: str, saved: str):
+        def get(node):
+            ps = [float(getattr(node, n)) for n in names] + [0.0] * (3 - len(names))
+            return getattr(node, saved), K[kind_name], tuple(ps)
+        return get
+    return spec
 
 
 ACTIVATIONS: Dict[str, Callable] = {
-    "TanhBackward0": _d_tanh,
-    "SigmoidBackward0": _d_sigmoid,
-    "ReluBackward0": _d_relu,
-    "LeakyReluBackward0": _d_leaky_relu,
-    "EluBackward0": _d_elu,
-    "GeluBackward0": _d_gelu,
-    "SiluBackward0": _d_silu,
-    "SoftplusBackward0": _d_softplus,
-    "HardtanhBackward0": _d_hardtanh,
+    "TanhBackward0": _params()("tanh", "_saved_result"),
+    "SigmoidBackward0": _params()("sigmoid", "_saved_result"),
+    "ReluBackward0": _params()("relu", "_saved_result"),
+    "LeakyReluBackward0": _params("_saved_negative_slope")("leaky_relu", "_saved_self"),
+    "EluBackward0": _params("_saved_alpha", "_saved_scale", "_saved_input_scale")("elu", "_saved_self"),
+    "GeluBackward0": lambda node: (node._saved_self, K["gelu_tanh" if node._saved_approximate == "tanh" else "gelu"],
+                                   (0.0, 0.0, 0.0)),
+    "SiluBackward0": _params()("silu", "_saved_self"),
+    "SoftplusBackward0": _params("_saved_beta", "_saved_threshold")("softplus", "_saved_self"),
+    "HardtanhBackward0": _params("_saved_min_val", "_saved_max_val")("hardtanh", "_saved_self"),
 }
 
 
-def elementwise(derivs: Callable) -> Callable:
+def elementwise(spec: Callable) -> Callable:
+    """H_a = f'(a)^2 H_x + f''(a) g_x in one fused pass (obd_ext.ops.activation_hessian)."""
     def rule(node, g: Grads, h: Grads, ctx: Ctx):
-        d1, d2 = derivs(node)
-        h_in = d1 * d1 * h[0]
-        if not ctx.lm and d2 is not None and g[0] is not None:
-            h_in = h_in + d2 * g[0]
-        g_in = d1 * g[0] if ctx.need_g and g[0] is not None else None
-        return (g_in,), (h_in,)
+        v, kind, (p0, p1, p2) = spec(node)
+        want_g = ctx.wants(0) and g[0] is not None
+        g_use = None if ctx.lm or g[0] is None else g[0].to(v.dtype)
+        h_in, g_in = ops.activation_hessian(v, h[0].to(v.dtype), g_use, kind, p0, p1, p2, ctx.lm or g_use is None,
+                                            want_g)
+        return (g_in if want_g else None,), (h_in,)
 
     return rule
 
