@@ -28,7 +28,7 @@ import gc
 import math
 import os
 import sys
-from typing import Callable, Dict, List, Tuple
+from typing import Callable, Dict, List
 
 import torch
 import torch.nn as nn

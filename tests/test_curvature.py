@@ -1,6 +1,5 @@
 """The curvature engine against exact autograd (float64, small problems)."""
 
-import math
 
 import pytest
 import torch

@@ -1,6 +1,5 @@
 """torch.library.opcheck on every op, and the ops inside torch.compile(fullgraph=True)."""
 
-import pytest
 import torch
 
 import obd_ext

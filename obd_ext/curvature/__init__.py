@@ -14,7 +14,7 @@ not be ``nn.Sequential``; a node without a rule is a clear error.
 
 from __future__ import annotations
 
-from typing import Dict, Iterable, Optional, Sequence, Tuple, Union
+from typing import Dict, Iterable, Optional, Tuple
 
 import torch
 import torch.nn as nn

@@ -13,7 +13,7 @@ bounded by ``chunk x parameters``.
 
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, Optional
 
 import torch
 import torch.nn as nn

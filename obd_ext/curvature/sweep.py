@@ -19,7 +19,6 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Dict, List, Optional, Tuple
 
-import torch
 from torch import Tensor
 
 from .rules import SECOND_ORDER, Ctx, rule_for
