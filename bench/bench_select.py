@@ -35,7 +35,7 @@ import torch.nn as nn
 from torch.nn.utils import prune
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import machine, peak_extra_bytes, print_table, time_call, write_json  # noqa: E402
+from common import exact_rss_accounting, machine, peak_extra_bytes, print_table, time_call, write_json  # noqa: E402
 
 import obd_ext  # noqa: E402
 
@@ -198,22 +198,9 @@ def bench_case(n, dist, dtype_name, sparsity, device, repeats, methods, max_base
     return rows
 
 
-def _exact_rss_accounting() -> None:
-    """Re-exec with glibc's mmap threshold fixed at 64 KiB.
-
-    glibc serves allocations below a dynamic threshold (up to 32 MiB) from a
-    heap whose pages may already be resident, so the peak-RSS measurement
-    would miss them; with a fixed threshold every sizeable allocation is a
-    fresh mapping and shows up in the peak.
-    """
-    if os.environ.get("MALLOC_MMAP_THRESHOLD_") is None and sys.platform.startswith("linux"):
-        env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
-        os.execve(sys.executable, [sys.executable] + sys.argv, env)
-
-
 def main(argv=None) -> int:
     if argv is None:
-        _exact_rss_accounting()
+        exact_rss_accounting()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu")
     p.add_argument("--sizes", type=lambda s: [int(float(x)) for x in s.split(",")], default=None,
