@@ -157,6 +157,20 @@ inline void check_activation_args(const at::Tensor& saved, const at::Tensor& h, 
   }
 }
 
+// ---------------------------------------------------------------------------
+// cross_entropy_boundary
+// ---------------------------------------------------------------------------
+inline void check_ce_args(const at::Tensor& logits, const at::Tensor& target) {
+  const char* op = "cross_entropy_boundary";
+  check_float(op, "logits", logits);
+  TORCH_CHECK(logits.dim() == 2, "obd_ext.", op, ": logits must be N x C, got shape ", logits.sizes());
+  TORCH_CHECK(target.scalar_type() == at::kLong, "obd_ext.", op, ": target must be int64 class indices, got ",
+              target.scalar_type());
+  TORCH_CHECK(target.dim() == 1 && target.size(0) == logits.size(0), "obd_ext.", op,
+              ": target must have shape [", logits.size(0), "], got ", target.sizes());
+  check_same_device(op, "logits", logits, "target", target);
+}
+
 inline at::Tensor make_stats(const at::Tensor& like) {
   return at::zeros({kNumStats}, like.options().dtype(at::kDouble));
 }

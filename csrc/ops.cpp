@@ -50,6 +50,14 @@ TORCH_LIBRARY(obd_ext, m) {
       "activation_hessian(Tensor saved, Tensor h, Tensor? g, int kind, float p0, float p1, float p2, "
       "bool lm, bool want_g) -> (Tensor, Tensor)");
 
+  // Curvature sweep, cross-entropy boundary for logits (N x C, class dim 1)
+  // and class targets (N): per row p = softmax(x), and with c = scale for
+  // rows whose target != ignore_index (0 otherwise): loss = c * sum(lse - x_t),
+  // g = c * (p - onehot(t)), h = c * p * (1 - p). Loss is float64.
+  m.def(
+      "cross_entropy_boundary(Tensor logits, Tensor target, int ignore_index, float scale) "
+      "-> (Tensor, Tensor, Tensor)");
+
   m.def(
       "nm_select_(Tensor(a!) weight, Tensor curvature, Tensor(b!) mask, int n, int m, "
       "float? factor, bool skip_nonfinite) -> Tensor");

@@ -16,7 +16,8 @@ from torch import Tensor
 from . import _C  # noqa: F401  (loads the kernels)
 from .reference import NUM_STATS, saliency_dtype
 
-__all__ = ["saliency", "group_saliency", "global_select_", "row_select_", "nm_select_", "activation_hessian"]
+__all__ = ["saliency", "group_saliency", "global_select_", "row_select_", "nm_select_", "activation_hessian",
+           "cross_entropy_boundary"]
 
 _ops = torch.ops.obd_ext
 
@@ -61,6 +62,11 @@ def activation_hessian(saved: Tensor, h: Tensor, g: Optional[Tensor], kind: int,
                        p2: float = 0.0, lm: bool = False, want_g: bool = False) -> tuple:
     """The curvature sweep's activation rule in one pass; see the schema in csrc/ops.cpp."""
     return _ops.activation_hessian.default(saved, h, g, kind, p0, p1, p2, lm, want_g)
+
+
+def cross_entropy_boundary(logits: Tensor, target: Tensor, ignore_index: int, scale: float) -> tuple:
+    """(loss, g, h) of cross-entropy at N x C logits; see the schema in csrc/ops.cpp."""
+    return _ops.cross_entropy_boundary.default(logits, target, ignore_index, scale)
 
 
 # ---------------------------------------------------------------------------
@@ -117,6 +123,13 @@ def _activation_hessian_fake(saved, h, g, kind, p0, p1, p2, lm, want_g):
     _check_one_device("activation_hessian", saved, h, g)
     torch._check(saved.shape == h.shape, lambda: "obd_ext.activation_hessian: saved and h shapes differ")
     return torch.empty_like(h), (torch.empty_like(h) if want_g else h.new_empty(0))
+
+
+@torch.library.register_fake("obd_ext::cross_entropy_boundary")
+def _cross_entropy_boundary_fake(logits, target, ignore_index, scale):
+    _check_one_device("cross_entropy_boundary", logits, target)
+    torch._check(logits.dim() == 2, lambda: "obd_ext.cross_entropy_boundary: logits must be N x C")
+    return logits.new_empty((), dtype=torch.float64), torch.empty_like(logits), torch.empty_like(logits)
 
 
 # ---------------------------------------------------------------------------

@@ -26,6 +26,7 @@ __all__ = [
     "ACT_KINDS",
     "activation_derivatives",
     "activation_hessian",
+    "cross_entropy_boundary",
 ]
 
 # Layout of the float64 statistics every selection op returns.
@@ -272,3 +273,17 @@ def activation_hessian(saved: Tensor, h: Tensor, g: Optional[Tensor], kind: int,
     g_in = (d1 * g.to(acc)).to(h.dtype) if want_g and g is not None else (
         torch.zeros_like(h) if want_g else h.new_empty(0))
     return h_in.to(h.dtype), g_in
+
+
+def cross_entropy_boundary(logits: Tensor, target: Tensor, ignore_index: int, scale: float):
+    """(loss, g, h) of softmax cross-entropy at N x C logits: ``c (p - onehot)``, ``c p (1 - p)``."""
+    acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    x = logits.to(acc)
+    logp = torch.log_softmax(x, dim=1)
+    p = logp.exp()
+    valid = target != ignore_index
+    safe = torch.where(valid, target, torch.zeros_like(target))
+    w = (valid.to(acc) * scale).unsqueeze(1)
+    onehot = torch.zeros_like(p).scatter_(1, safe.unsqueeze(1), 1.0)
+    loss = -(logp.gather(1, safe.unsqueeze(1)).squeeze(1).double() * valid).sum() * scale
+    return loss, (w * (p - onehot)).to(logits.dtype), (w * p * (1 - p)).to(logits.dtype)
