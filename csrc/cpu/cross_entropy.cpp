@@ -38,22 +38,31 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_boundary_cpu(const 
     T* gp = g.mutable_data_ptr<T>();
     T* hp = h.mutable_data_ptr<T>();
     at::parallel_for(0, n, 1, [&](int64_t rb, int64_t re) {
+      std::vector<S> e(c);  // exp(x - max) of one row: one exponential per entry
       for (int64_t r = rb; r < re; ++r) {
         const T* row = xp + r * c;
         S mx = -std::numeric_limits<S>::infinity();
         for (int64_t j = 0; j < c; ++j) mx = std::max(mx, static_cast<S>(row[j]));
         S sum = 0;
-        for (int64_t j = 0; j < c; ++j) sum += std::exp(static_cast<S>(row[j]) - mx);
+        for (int64_t j = 0; j < c; ++j) {
+          e[j] = std::exp(static_cast<S>(row[j]) - mx);
+          sum += e[j];
+        }
         const bool valid = tp[r] != ignore_index;
         const int64_t k = valid ? tp[r] : -1;
         const S w = valid ? static_cast<S>(scale) : S(0);
         const S inv = S(1) / sum;
+        T* grow = gp + r * c;
+        T* hrow = hp + r * c;
         for (int64_t j = 0; j < c; ++j) {
-          const S p = std::exp(static_cast<S>(row[j]) - mx) * inv;
-          gp[r * c + j] = static_cast<T>(w * (p - (j == k ? S(1) : S(0))));
-          hp[r * c + j] = static_cast<T>(w * p * (S(1) - p));
+          const S p = e[j] * inv;
+          grow[j] = static_cast<T>(w * p);
+          hrow[j] = static_cast<T>(w * p * (S(1) - p));
         }
-        if (valid) row_loss[r] = static_cast<double>(std::log(sum) + mx - static_cast<S>(row[k])) * scale;
+        if (valid) {
+          grow[k] = static_cast<T>(w * (e[k] * inv - S(1)));
+          row_loss[r] = static_cast<double>(std::log(sum) + mx - static_cast<S>(row[k])) * scale;
+        }
       }
     });
   });
