@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import exact_rss_accounting, machine, peak_extra_bytes, print_table, time_call, write_json  # noqa: E402
+from common import machine, peak_extra_bytes, print_table, time_call, write_json  # noqa: E402
 
 import obd_ext  # noqa: E402
 from obd_ext.models import GPT, LeNet5, SmallResNet, mlp  # noqa: E402
@@ -98,8 +98,9 @@ def run_method(name: str, model: nn.Module, loss_fn, x, y) -> Callable[[], objec
 
 
 def main(argv=None) -> int:
-    if argv is None:
-        exact_rss_accounting()
+    # No exact_rss_accounting() here: a fixed mmap threshold makes every tensor
+    # allocation a fresh mapping, and the page faults would slow the sweeps
+    # (which allocate per node) more than fwd+bwd. Memory is indicative.
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true")
     p.add_argument("--models", default=None, help="comma-separated subset of the cases")
