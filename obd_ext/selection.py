@@ -337,7 +337,8 @@ def prune_groups_(
     """
     weights, curvatures = list(weights), list(curvatures)
     masks = _masks(masks, curvatures)
-    scores = [_named(ops.group_saliency, names, w, h, dim) for w, h in zip(weights, curvatures)]
+    scores = [_named(ops.group_saliency, names[i] if names else None, w, h, dim)
+              for i, (w, h) in enumerate(zip(weights, curvatures))]
     # A group is deleted already when every one of its entries is.
     group_masks = [_any_except(m, dim) for m in masks]
     if per_tensor:
