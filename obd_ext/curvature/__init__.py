@@ -25,9 +25,22 @@ from .losses import Boundary, boundary_for
 from .rules import UnsupportedOpError
 from .sweep import sweep
 
-__all__ = ["METHODS", "Curvature", "hessian_diag", "CurvatureAccumulator", "UnsupportedOpError"]
+__all__ = ["METHODS", "Curvature", "hessian_diag", "CurvatureAccumulator", "UnsupportedOpError", "recordable"]
 
 METHODS = ("obd", "lm", "fisher", "ggn-mc", "hutchinson", "exact")
+
+
+def recordable():
+    """Context for forward passes the sweep will walk.
+
+    ``F.scaled_dot_product_attention`` normally runs fused kernels whose
+    backward is one opaque node; under the math backend it is recorded as
+    matmuls, a scale and a softmax, which have rules. Use it around your own
+    forward when feeding a CurvatureAccumulator; hessian_diag uses it itself.
+    """
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel(SDPBackend.MATH)
 
 
 class Curvature(dict):
@@ -97,7 +110,8 @@ class CurvatureAccumulator:
 
         acc = CurvatureAccumulator(model, nn.CrossEntropyLoss(), method="lm")
         for x, y in loader:
-            out = model(x)
+            with obd_ext.curvature.recordable():  # only needed for F.scaled_dot_product_attention
+                out = model(x)
             loss = acc.accumulate(out, y)     # the sweep; the graph stays intact
             loss_fn(out, y).backward(); opt.step(); opt.zero_grad()
         h = acc.result()                      # averaged over the batches seen
@@ -177,7 +191,9 @@ def hessian_diag(model: nn.Module, loss_fn, data, method: str = "obd", reduction
     for x, y in batches:
         count += 1
         if method in ("obd", "lm"):
-            acc.accumulate(model(x), y)
+            with recordable():
+                out = model(x)
+            acc.accumulate(out, y)
             continue
         if method in ("fisher", "ggn-mc"):
             part = per_sample_squared(model, loss_fn, x, y, selected, method == "ggn-mc", gen)

@@ -58,7 +58,7 @@ class Ctx:
 # Nodes whose rule uses the gradient at their output (an f'' term).
 SECOND_ORDER = {
     "TanhBackward0", "SigmoidBackward0", "EluBackward0", "GeluBackward0", "SiluBackward0", "SoftplusBackward0",
-    "DivBackward0", "SoftmaxBackward0", "NativeLayerNormBackward0",
+    "DivBackward0", "SoftmaxBackward0", "SafeSoftmaxBackward0", "NativeLayerNormBackward0",
 }
 
 
@@ -215,6 +215,12 @@ def mul(node, g: Grads, h: Grads, ctx: Ctx):
     g_a = g[0] * b if na and ctx.wants(0) and g[0] is not None else None
     g_b = g[0] * a if nb and ctx.wants(1) and g[0] is not None else None
     return (g_a, g_b), (h_a, h_b)
+
+
+def mul_scalar(node, g: Grads, h: Grads, ctx: Ctx):
+    """y = c * x for a Python number c (attention's scale): H gets c^2."""
+    c = float(node._saved_other)
+    return (g[0] * c if ctx.wants(0) and g[0] is not None else None,), (h[0] * (c * c),)
 
 
 def div(node, g: Grads, h: Grads, ctx: Ctx):
@@ -381,6 +387,8 @@ RULES.update({
     "MeanBackward0": mean_all,
     "MeanBackward1": mean,
     "SoftmaxBackward0": softmax,
+    "SafeSoftmaxBackward0": softmax,  # softmax with fully masked rows giving 0 (SDPA's math path)
+    "MulBackward1": mul_scalar,
     "NativeLayerNormBackward0": layer_norm,
     "NativeBatchNormBackward0": batch_norm,
     "CudnnBatchNormBackward0": batch_norm,
