@@ -294,7 +294,9 @@ def _brute_flat(fn, x, g_out, h_out):
     return (gn + torch.diagonal(hes)).reshape(x.shape), gn.reshape(x.shape)
 
 
-@pytest.mark.parametrize("op", ["mul", "div_num", "div_den", "batch_norm_eval", "layer_norm_3d", "mean", "avg_pool"])
+@pytest.mark.parametrize("op", ["mul", "div_num", "div_den", "batch_norm_eval", "layer_norm_3d", "mean", "avg_pool",
+                                "pow3", "square", "rsqrt", "sqrt", "exp", "log", "reciprocal", "neg", "rsub",
+                                "mul_scalar"])
 def test_more_rules_against_brute_force(op):
     torch.manual_seed(8)
     other = torch.rand(2, 3, 4) + 0.5
@@ -310,6 +312,16 @@ def test_more_rules_against_brute_force(op):
         "layer_norm_3d": lambda v: F.layer_norm(v, (3, 4)),
         "mean": lambda v: v.mean(dim=1),
         "avg_pool": lambda v: F.avg_pool2d(v.reshape(2, 3, 2, 2), 2),
+        "pow3": lambda v: v ** 3,
+        "square": lambda v: v.square(),
+        "rsqrt": torch.rsqrt,
+        "sqrt": torch.sqrt,
+        "exp": torch.exp,
+        "log": torch.log,
+        "reciprocal": torch.reciprocal,
+        "neg": lambda v: -v,
+        "rsub": lambda v: torch.rsub(v, 1.0, alpha=2),
+        "mul_scalar": lambda v: v * 0.3,
     }
     fn = fns[op]
     x = (torch.rand(2, 3, 4) + 0.5).requires_grad_()
@@ -487,3 +499,37 @@ def test_scaled_dot_product_attention_through_the_math_path():
         ha = hessian_diag(a, nn.CrossEntropyLoss(), (x, y), method=method, progress=False)
         hb = hessian_diag(b, nn.CrossEntropyLoss(), (x, y), method=method, progress=False)
         assert all(close(ha[k], hb[k]) for k in ha), method
+
+
+def test_llama_style_block_rmsnorm_swiglu():
+    """RMSNorm (pow, mean, add, rsqrt, mul) and a SwiGLU MLP (silu(a) * b): every op has a rule."""
+    torch.manual_seed(14)
+
+    class RMSNorm(nn.Module):
+        def __init__(self, d):
+            super().__init__()
+            self.w = nn.Parameter(torch.rand(d) + 0.5)
+
+        def forward(self, x):
+            return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * self.w
+
+    class Block(nn.Module):
+        def __init__(self, d=6):
+            super().__init__()
+            self.norm = RMSNorm(d)
+            self.gate, self.up, self.down = nn.Linear(d, 8, bias=False), nn.Linear(d, 8, bias=False), nn.Linear(8, d)
+            self.head = nn.Linear(d, 4)
+
+        def forward(self, x):
+            h = self.norm(x)
+            x = x + self.down(F.silu(self.gate(h)) * self.up(h))
+            return self.head(x)
+
+    model = Block().double()
+    x, y = torch.randn(9, 6), torch.randint(0, 4, (9,))
+    ex = hessian_diag(model, nn.CrossEntropyLoss(), (x, y), method="exact", progress=False)
+    ob = hessian_diag(model, nn.CrossEntropyLoss(), (x, y), method="obd", progress=False)
+    lm = hessian_diag(model, nn.CrossEntropyLoss(), (x, y), method="lm", progress=False)
+    assert set(ob) == set(ex)
+    assert close(ob["head.weight"], ex["head.weight"])
+    assert all((v >= 0).all() for v in lm.values())

@@ -59,6 +59,7 @@ class Ctx:
 SECOND_ORDER = {
     "TanhBackward0", "SigmoidBackward0", "EluBackward0", "GeluBackward0", "SiluBackward0", "SoftplusBackward0",
     "DivBackward0", "SoftmaxBackward0", "SafeSoftmaxBackward0", "NativeLayerNormBackward0",
+    "PowBackward0", "RsqrtBackward0", "SqrtBackward0", "ExpBackward0", "LogBackward0", "ReciprocalBackward0",
 }
 
 
@@ -123,6 +124,47 @@ def elementwise(spec: Callable) -> Callable:
         return (g_in if want_g else None,), (h_in,)
 
     return rule
+
+
+def unary(derivs: Callable) -> Callable:
+    """Other elementwise functions (RMSNorm's pow/rsqrt, exp, log, ...): closed-form f', f''."""
+    def rule(node, g: Grads, h: Grads, ctx: Ctx):
+        d1, d2 = derivs(node)
+        h_in = d1 * d1 * h[0]
+        if not ctx.lm and d2 is not None and g[0] is not None:
+            h_in = h_in + d2 * g[0]
+        return (d1 * g[0] if ctx.wants(0) and g[0] is not None else None,), (h_in,)
+
+    return rule
+
+
+def _d_pow(node):
+    x, p = node._saved_self, float(node._saved_exponent)
+    return p * x.pow(p - 1), (p * (p - 1) * x.pow(p - 2) if p not in (0.0, 1.0) else None)
+
+
+UNARY: Dict[str, Callable] = {
+    "PowBackward0": _d_pow,
+    "RsqrtBackward0": lambda n: (-0.5 * n._saved_result ** 3, 0.75 * n._saved_result ** 5),
+    "SqrtBackward0": lambda n: (0.5 / n._saved_result, -0.25 / n._saved_result ** 3),
+    "ExpBackward0": lambda n: (n._saved_result, n._saved_result),
+    "LogBackward0": lambda n: (1 / n._saved_self, -1 / n._saved_self ** 2),
+    "ReciprocalBackward0": lambda n: (-n._saved_result ** 2, 2 * n._saved_result ** 3),
+    "NativeDropoutBackward0": lambda n: (n._saved_result1.to(n._saved_result1.dtype if n._saved_result1.is_floating_point()
+                                                              else torch.get_default_dtype()) * float(n._saved_scale),
+                                          None),
+}
+
+
+def neg(node, g: Grads, h: Grads, ctx: Ctx):
+    """y = -x: the Jacobian entry is -1, whose square is 1 (not an index map for H)."""
+    return (-g[0] if ctx.wants(0) and g[0] is not None else None,), (h[0],)
+
+
+def rsub(node, g: Grads, h: Grads, ctx: Ctx):
+    """y = other - alpha * x (x a tensor, other a number)."""
+    alpha = float(node._saved_alpha)
+    return (-alpha * g[0] if ctx.wants(0) and g[0] is not None else None,), (h[0] * (alpha * alpha),)
 
 
 # ---------------------------------------------------------------------------
@@ -369,12 +411,13 @@ INDEX_MAPS = [
     "UnbindBackward0", "CatBackward0", "StackBackward0", "CloneBackward0", "ExpandBackward0", "SqueezeBackward0",
     "SqueezeBackward1", "SqueezeBackward2", "UnsqueezeBackward0", "SumBackward0", "SumBackward1",
     "MaskedFillBackward0", "MaxPool2DWithIndicesBackward0", "EmbeddingBackward0", "AliasBackward0",
-    "ToCopyBackward0", "ContiguousBackward0", "IndexBackward0", "NegBackward0", "FlattenBackward0",
+    "ToCopyBackward0", "ContiguousBackward0", "IndexBackward0", "FlattenBackward0",
     "ChunkBackward0", "PadBackward0", "ConstantPadNdBackward0", "RepeatBackward0", "ExpandAsBackward0",
 ]
 
 RULES: Dict[str, Callable] = {name: index_map for name in INDEX_MAPS}
 RULES.update({name: elementwise(d) for name, d in ACTIVATIONS.items()})
+RULES.update({name: unary(d) for name, d in UNARY.items()})
 RULES.update({
     "MmBackward0": mm,
     "BmmBackward0": bmm,
@@ -389,6 +432,8 @@ RULES.update({
     "SoftmaxBackward0": softmax,
     "SafeSoftmaxBackward0": softmax,  # softmax with fully masked rows giving 0 (SDPA's math path)
     "MulBackward1": mul_scalar,
+    "NegBackward0": neg,
+    "RsubBackward1": rsub,
     "NativeLayerNormBackward0": layer_norm,
     "NativeBatchNormBackward0": batch_norm,
     "CudnnBatchNormBackward0": batch_norm,
