@@ -533,3 +533,24 @@ def test_llama_style_block_rmsnorm_swiglu():
     assert set(ob) == set(ex)
     assert close(ob["head.weight"], ex["head.weight"])
     assert all((v >= 0).all() for v in lm.values())
+
+
+GPU_DEVICES = [d for d in ("cuda",) if torch.cuda.is_available()]
+
+
+@pytest.mark.parametrize("device", GPU_DEVICES)
+def test_cuda_matches_cpu(device):
+    """Runs where a GPU is: the sweep and its kernels on CUDA agree with the CPU (float64)."""
+    from testing import require_kernels
+
+    require_kernels(device)
+    torch.manual_seed(15)
+    model = GPT(vocab=11, d=8, layers=1, heads=2, seq=5, tied=True).double()
+    idx, target = torch.randint(0, 11, (2, 5)), torch.randint(0, 11, (10,))
+    for method in ("obd", "lm"):
+        cpu = hessian_diag(model, nn.CrossEntropyLoss(), (idx, target), method=method, progress=False)
+        gpu = hessian_diag(model.to(device), nn.CrossEntropyLoss(), (idx.to(device), target.to(device)),
+                           method=method, progress=False)
+        model.cpu()
+        for k in cpu:
+            assert close(gpu[k].cpu(), cpu[k], 1e-9), (method, k)
