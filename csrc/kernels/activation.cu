@@ -6,7 +6,7 @@ namespace obd {
 namespace kernels {
 namespace {
 
-template <typename S>
+template <int K, typename S>
 __global__ void activation_kernel(ActivationParams p) {
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   const bool lm = p.lm || p.g == nullptr;
@@ -16,7 +16,7 @@ __global__ void activation_kernel(ActivationParams p) {
     const S h = static_cast<S>(load_double(p.h, p.dtype, i));
     const S g = p.g ? static_cast<S>(load_double(p.g, p.dtype, i)) : S(0);
     S hi, gi;
-    act_rule<S>(p.kind, v, h, g, lm, q0, q1, q2, &hi, &gi);
+    act_rule<K, S>(v, h, g, lm, q0, q1, q2, &hi, &gi);
     store_double(p.h_in, p.dtype, i, static_cast<double>(hi));
     if (p.g_in) store_double(p.g_in, p.dtype, i, static_cast<double>(gi));
   }
@@ -27,10 +27,13 @@ __global__ void activation_kernel(ActivationParams p) {
 cudaError_t launch_activation_hessian(const ActivationParams& p, cudaStream_t stream) {
   if (p.n == 0) return cudaSuccess;
   const int grid = grid_for(p.n, kThreads * 4);
-  if (p.dtype == Dtype::F64)
-    activation_kernel<double><<<grid, kThreads, 0, stream>>>(p);
-  else
-    activation_kernel<float><<<grid, kThreads, 0, stream>>>(p);
+  with_act_kind(p.kind, [&](auto kt) {
+    constexpr int K = decltype(kt)::value;
+    if (p.dtype == Dtype::F64)
+      activation_kernel<K, double><<<grid, kThreads, 0, stream>>>(p);
+    else
+      activation_kernel<K, float><<<grid, kThreads, 0, stream>>>(p);
+  });
   return cudaGetLastError();
 }
 

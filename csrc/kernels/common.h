@@ -212,6 +212,7 @@ inline int grid_for(int64_t work_items, int per_block, int max_blocks = 65535 * 
 // sigmoid and relu, its input for the others. p0..p2 are the activation's
 // parameters (slope; alpha, scale, input scale; beta, threshold; min, max).
 // ---------------------------------------------------------------------------
+#include <type_traits>
 #if defined(__CUDA_ARCH__)
 #define OBD_MATH(f) ::f
 #else
@@ -235,69 +236,79 @@ enum ActKind : int32_t {
   kNumActKinds = 10
 };
 
-template <typename S>
-OBD_HOST_DEVICE void act_derivs(int kind, S v, S p0, S p1, S p2, S* d1, S* d2) {
+// f'(v) and f''(v) for activation K, a compile-time constant so that the CPU
+// loops vectorise for the arithmetic kinds.
+template <int K, typename S>
+OBD_HOST_DEVICE void act_derivs_k(S v, S p0, S p1, S p2, S* d1, S* d2) {
   const S one = S(1), zero = S(0);
+  if constexpr (K == kActTanh) {
+    *d1 = one - v * v;
+    *d2 = S(-2) * v * *d1;
+  } else if constexpr (K == kActSigmoid) {
+    *d1 = v * (one - v);
+    *d2 = *d1 * (one - S(2) * v);
+  } else if constexpr (K == kActRelu) {
+    *d1 = v > zero ? one : zero;
+    *d2 = zero;
+  } else if constexpr (K == kActLeakyRelu) {
+    *d1 = v > zero ? one : p0;
+    *d2 = zero;
+  } else if constexpr (K == kActElu) {
+    const S neg = p1 * p0 * p2 * OBD_MATH(exp)(v * p2);
+    *d1 = v > zero ? p1 : neg;
+    *d2 = v > zero ? zero : neg * p2;
+  } else if constexpr (K == kActGelu) {
+    const S pdf = OBD_MATH(exp)(S(-0.5) * v * v) * S(0.3989422804014327);  // 1/sqrt(2 pi)
+    const S cdf = S(0.5) * (one + OBD_MATH(erf)(v * S(0.7071067811865476)));
+    *d1 = cdf + v * pdf;
+    *d2 = pdf * (S(2) - v * v);
+  } else if constexpr (K == kActGeluTanh) {
+    const S k = S(0.7978845608028654), c = S(0.044715);  // sqrt(2/pi)
+    const S u = k * (v + c * v * v * v);
+    const S du = k * (one + S(3) * c * v * v);
+    const S ddu = k * S(6) * c * v;
+    const S t = OBD_MATH(tanh)(u);
+    const S sech2 = one - t * t;
+    *d1 = S(0.5) * (one + t) + S(0.5) * v * sech2 * du;
+    *d2 = sech2 * du + S(0.5) * v * (S(-2) * t * sech2 * du * du + sech2 * ddu);
+  } else if constexpr (K == kActSilu) {
+    const S s = one / (one + OBD_MATH(exp)(-v));
+    *d1 = s * (one + v * (one - s));
+    *d2 = s * (one - s) * (S(2) + v * (one - S(2) * s));
+  } else if constexpr (K == kActSoftplus) {
+    const S s = one / (one + OBD_MATH(exp)(-p0 * v));
+    const bool linear = p0 * v > p1;
+    *d1 = linear ? one : s;
+    *d2 = linear ? zero : p0 * s * (one - s);
+  } else {  // kActHardtanh
+    *d1 = (v > p0 && v < p1) ? one : zero;
+    *d2 = zero;
+  }
+}
+
+// Calls f(std::integral_constant<int, K>) for the run-time kind (host code:
+// it picks the kernel instantiation).
+template <typename F>
+inline void with_act_kind(int kind, F&& f) {
   switch (kind) {
-    case kActTanh: *d1 = one - v * v; *d2 = S(-2) * v * *d1; break;
-    case kActSigmoid: *d1 = v * (one - v); *d2 = *d1 * (one - S(2) * v); break;
-    case kActRelu: *d1 = v > zero ? one : zero; *d2 = zero; break;
-    case kActLeakyRelu: *d1 = v > zero ? one : p0; *d2 = zero; break;
-    case kActElu: {
-      if (v > zero) {
-        *d1 = p1;
-        *d2 = zero;
-      } else {
-        const S neg = p1 * p0 * p2 * OBD_MATH(exp)(v * p2);
-        *d1 = neg;
-        *d2 = neg * p2;
-      }
-      break;
-    }
-    case kActGelu: {
-      const S pdf = OBD_MATH(exp)(S(-0.5) * v * v) * S(0.3989422804014327);  // 1/sqrt(2 pi)
-      const S cdf = S(0.5) * (one + OBD_MATH(erf)(v * S(0.7071067811865476)));
-      *d1 = cdf + v * pdf;
-      *d2 = pdf * (S(2) - v * v);
-      break;
-    }
-    case kActGeluTanh: {
-      const S k = S(0.7978845608028654), c = S(0.044715);  // sqrt(2/pi)
-      const S u = k * (v + c * v * v * v);
-      const S du = k * (one + S(3) * c * v * v);
-      const S ddu = k * S(6) * c * v;
-      const S t = OBD_MATH(tanh)(u);
-      const S sech2 = one - t * t;
-      *d1 = S(0.5) * (one + t) + S(0.5) * v * sech2 * du;
-      *d2 = sech2 * du + S(0.5) * v * (S(-2) * t * sech2 * du * du + sech2 * ddu);
-      break;
-    }
-    case kActSilu: {
-      const S s = one / (one + OBD_MATH(exp)(-v));
-      *d1 = s * (one + v * (one - s));
-      *d2 = s * (one - s) * (S(2) + v * (one - S(2) * s));
-      break;
-    }
-    case kActSoftplus: {
-      if (p0 * v > p1) {
-        *d1 = one;
-        *d2 = zero;
-      } else {
-        const S s = one / (one + OBD_MATH(exp)(-p0 * v));
-        *d1 = s;
-        *d2 = p0 * s * (one - s);
-      }
-      break;
-    }
-    default: /* kActHardtanh */ *d1 = (v > p0 && v < p1) ? one : zero; *d2 = zero; break;
+    case kActTanh: f(std::integral_constant<int, kActTanh>{}); break;
+    case kActSigmoid: f(std::integral_constant<int, kActSigmoid>{}); break;
+    case kActRelu: f(std::integral_constant<int, kActRelu>{}); break;
+    case kActLeakyRelu: f(std::integral_constant<int, kActLeakyRelu>{}); break;
+    case kActElu: f(std::integral_constant<int, kActElu>{}); break;
+    case kActGelu: f(std::integral_constant<int, kActGelu>{}); break;
+    case kActGeluTanh: f(std::integral_constant<int, kActGeluTanh>{}); break;
+    case kActSilu: f(std::integral_constant<int, kActSilu>{}); break;
+    case kActSoftplus: f(std::integral_constant<int, kActSoftplus>{}); break;
+    default: f(std::integral_constant<int, kActHardtanh>{}); break;
   }
 }
 
 // One element of the rule: h_in = d1^2 h + d2 g (lm: without d2 g), g_in = d1 g.
-template <typename S>
-OBD_HOST_DEVICE void act_rule(int kind, S v, S h, S g, bool lm, S p0, S p1, S p2, S* h_in, S* g_in) {
+template <int K, typename S>
+OBD_HOST_DEVICE void act_rule(S v, S h, S g, bool lm, S p0, S p1, S p2, S* h_in, S* g_in) {
   S d1, d2;
-  act_derivs<S>(kind, v, p0, p1, p2, &d1, &d2);
+  act_derivs_k<K, S>(v, p0, p1, p2, &d1, &d2);
   *h_in = lm ? d1 * d1 * h : d1 * d1 * h + d2 * g;
   *g_in = d1 * g;
 }
