@@ -171,6 +171,22 @@ inline void check_ce_args(const at::Tensor& logits, const at::Tensor& target) {
   check_same_device(op, "logits", logits, "target", target);
 }
 
+// ---------------------------------------------------------------------------
+// squared_mm
+// ---------------------------------------------------------------------------
+inline void check_squared_mm_args(const at::Tensor& a, const at::Tensor& b) {
+  const char* op = "squared_mm";
+  check_float(op, "a", a);
+  check_float(op, "b", b);
+  TORCH_CHECK(a.scalar_type() == b.scalar_type(), "obd_ext.", op, ": a and b must have one dtype, got ",
+              a.scalar_type(), " and ", b.scalar_type());
+  check_same_device(op, "a", a, "b", b);
+  TORCH_CHECK((a.dim() == 2 || a.dim() == 3) && a.dim() == b.dim(), "obd_ext.", op,
+              ": a and b must both be 2-D or both 3-D (batched), got shapes ", a.sizes(), " and ", b.sizes());
+  TORCH_CHECK(a.size(-1) == b.size(-2) && (a.dim() == 2 || a.size(0) == b.size(0)), "obd_ext.", op,
+              ": shapes ", a.sizes(), " and ", b.sizes(), " cannot be multiplied");
+}
+
 inline at::Tensor make_stats(const at::Tensor& like) {
   return at::zeros({kNumStats}, like.options().dtype(at::kDouble));
 }

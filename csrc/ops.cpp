@@ -58,6 +58,14 @@ TORCH_LIBRARY(obd_ext, m) {
       "cross_entropy_boundary(Tensor logits, Tensor target, int ignore_index, float scale) "
       "-> (Tensor, Tensor, Tensor)");
 
+  // Curvature sweep, the squared-operand product of the linear rule:
+  // (a*a if square_a else a) @ (b*b if square_b else b), 2-D or batched 3-D.
+  // h_W = H_y^T (X*X) and H_x = H_y (W*W) are both of this form.
+  m.def("squared_mm(Tensor a, Tensor b, bool square_a, bool square_b) -> Tensor");
+  // The same product by a loop that squares on load (CPU only; for the
+  // benchmark that chose BLAS, and as a second implementation in the tests).
+  m.def("_squared_mm_direct(Tensor a, Tensor b, bool square_a, bool square_b) -> Tensor");
+
   m.def(
       "nm_select_(Tensor(a!) weight, Tensor curvature, Tensor(b!) mask, int n, int m, "
       "float? factor, bool skip_nonfinite) -> Tensor");

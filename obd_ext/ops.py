@@ -17,7 +17,7 @@ from . import _C  # noqa: F401  (loads the kernels)
 from .reference import NUM_STATS, saliency_dtype
 
 __all__ = ["saliency", "group_saliency", "global_select_", "row_select_", "nm_select_", "activation_hessian",
-           "cross_entropy_boundary"]
+           "cross_entropy_boundary", "squared_mm"]
 
 _ops = torch.ops.obd_ext
 
@@ -67,6 +67,11 @@ def activation_hessian(saved: Tensor, h: Tensor, g: Optional[Tensor], kind: int,
 def cross_entropy_boundary(logits: Tensor, target: Tensor, ignore_index: int, scale: float) -> tuple:
     """(loss, g, h) of cross-entropy at N x C logits; see the schema in csrc/ops.cpp."""
     return _ops.cross_entropy_boundary.default(logits, target, ignore_index, scale)
+
+
+def squared_mm(a: Tensor, b: Tensor, square_a: bool, square_b: bool) -> Tensor:
+    """``(a*a if square_a else a) @ (b*b if square_b else b)``; see the schema in csrc/ops.cpp."""
+    return _ops.squared_mm.default(a, b, square_a, square_b)
 
 
 # ---------------------------------------------------------------------------
@@ -130,6 +135,18 @@ def _cross_entropy_boundary_fake(logits, target, ignore_index, scale):
     _check_one_device("cross_entropy_boundary", logits, target)
     torch._check(logits.dim() == 2, lambda: "obd_ext.cross_entropy_boundary: logits must be N x C")
     return logits.new_empty((), dtype=torch.float64), torch.empty_like(logits), torch.empty_like(logits)
+
+
+@torch.library.register_fake("obd_ext::squared_mm")
+def _squared_mm_fake(a, b, square_a, square_b):
+    _check_one_device("squared_mm", a, b)
+    torch._check(a.shape[-1] == b.shape[-2], lambda: "obd_ext.squared_mm: shapes cannot be multiplied")
+    return a.new_empty(a.shape[:-1] + b.shape[-1:])
+
+
+@torch.library.register_fake("obd_ext::_squared_mm_direct")
+def _squared_mm_direct_fake(a, b, square_a, square_b):
+    return _squared_mm_fake(a, b, square_a, square_b)
 
 
 # ---------------------------------------------------------------------------

@@ -27,6 +27,7 @@ __all__ = [
     "activation_derivatives",
     "activation_hessian",
     "cross_entropy_boundary",
+    "squared_mm",
 ]
 
 # Layout of the float64 statistics every selection op returns.
@@ -287,3 +288,8 @@ def cross_entropy_boundary(logits: Tensor, target: Tensor, ignore_index: int, sc
     onehot = torch.zeros_like(p).scatter_(1, safe.unsqueeze(1), 1.0)
     loss = -(logp.gather(1, safe.unsqueeze(1)).squeeze(1).double() * valid).sum() * scale
     return loss, (w * (p - onehot)).to(logits.dtype), (w * p * (1 - p)).to(logits.dtype)
+
+
+def squared_mm(a: Tensor, b: Tensor, square_a: bool, square_b: bool) -> Tensor:
+    """``(a*a if square_a else a) @ (b*b if square_b else b)``."""
+    return (a * a if square_a else a) @ (b * b if square_b else b)

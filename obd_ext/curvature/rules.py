@@ -176,8 +176,8 @@ def _mm_rule(a: Tensor, b: Tensor, g: Optional[Tensor], h: Tensor, need_a: bool,
              g_a_wanted: bool, g_b_wanted: bool, scale: float = 1.0):
     """y = scale * a @ b (batched allowed): H_a = s^2 H (b*b)^T, H_b = s^2 (a*a)^T H."""
     s2 = scale * scale
-    h_a = (h @ (b * b).transpose(-1, -2)) * s2 if need_a else None
-    h_b = ((a * a).transpose(-1, -2) @ h) * s2 if need_b else None
+    h_a = ops.squared_mm(h, b.transpose(-1, -2), False, True) * s2 if need_a else None
+    h_b = ops.squared_mm(a.transpose(-1, -2), h, True, False) * s2 if need_b else None
     g_a = (g @ b.transpose(-1, -2)) * scale if need_a and g_a_wanted and g is not None else None
     g_b = (a.transpose(-1, -2) @ g) * scale if need_b and g_b_wanted and g is not None else None
     return g_a, g_b, h_a, h_b
