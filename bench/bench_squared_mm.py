@@ -1,0 +1,56 @@
+"""The linear rule's squared-operand product: BLAS on a squared copy against a
+loop that squares on load, on the layer shapes of the curvature benchmark.
+
+For each shape (rows x in) x (in x out), times on the CPU:
+- plain:        a @ b (the matching GEMM of an ordinary backward pass);
+- blas-squared: obd_ext.ops.squared_mm (squares b into a temporary, then BLAS);
+- direct:       torch.ops.obd_ext._squared_mm_direct (blocked loop, squares on load).
+
+Usage: python bench/bench_squared_mm.py [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import machine, print_table, time_call, write_json  # noqa: E402
+
+import obd_ext  # noqa: E402
+
+SHAPES = [  # (rows, in, out): MLP layers at batch 1024, GPT layers at 1024 tokens
+    (1024, 784, 1024), (1024, 1024, 1024), (1024, 512, 1536), (1024, 512, 2048), (1024, 2048, 512),
+]
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--json", default=None)
+    args = p.parse_args(argv)
+    rows = []
+    for m, k, n in SHAPES:
+        a, b = torch.randn(m, k), torch.randn(k, n)
+        ref = a @ (b * b)
+        for name, fn in [("plain", lambda: a @ b), ("blas-squared", lambda: obd_ext.ops.squared_mm(a, b, False, True)),
+                         ("direct", lambda: torch.ops.obd_ext._squared_mm_direct(a, b, False, True))]:
+            if name != "plain":
+                torch.testing.assert_close(fn(), ref, rtol=1e-4, atol=1e-3)
+            secs = time_call(fn, "cpu", args.repeats)
+            rows.append({"shape": f"{m}x{k} @ {k}x{n}", "method": name, "seconds": secs,
+                         "gflops": 2 * m * k * n / secs / 1e9})
+        base = [r for r in rows if r["shape"] == rows[-1]["shape"]]
+        for r in base:
+            r["x_plain"] = r["seconds"] / base[0]["seconds"]
+    print("machine:", machine())
+    print_table(rows, ["shape", "method", "seconds", "gflops", "x_plain"])
+    write_json(args.json, {"machine": machine(), "results": rows})
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
