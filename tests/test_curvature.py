@@ -554,3 +554,18 @@ def test_cuda_matches_cpu(device):
         model.cpu()
         for k in cpu:
             assert close(gpu[k].cpu(), cpu[k], 1e-9), (method, k)
+
+
+@pytest.mark.parametrize("method", ["fisher", "ggn-mc"])
+@pytest.mark.parametrize("loss", ["ce", "mse-sum", "mse-mean"])
+def test_fisher_fast_path_equals_per_sample_gradients(method, loss, monkeypatch):
+    """The squared-operand form (G*G)^T (X*X) on row-per-sample models equals per-sample gradients."""
+    from obd_ext.curvature import estimators
+
+    model = mlp(nn.Tanh, sizes=(5, 7, 6, 3))
+    x, y = data(classes=(loss == "ce"))
+    loss_fn = {"ce": nn.CrossEntropyLoss(), "mse-sum": nn.MSELoss(reduction="sum"), "mse-mean": nn.MSELoss()}[loss]
+    fast = hessian_diag(model, loss_fn, (x, y), method=method, seed=3, progress=False)
+    monkeypatch.setattr(estimators, "_rows_fast_path", lambda *a: (None, None))
+    slow = hessian_diag(model, loss_fn, (x, y), method=method, seed=3, progress=False)
+    assert all(close(fast[k], slow[k], 1e-9) for k in slow)
