@@ -10,6 +10,7 @@ import torch  # noqa: F401  (must load before _C: it links against libtorch)
 from . import _C  # noqa: F401  loads the kernels and registers torch.ops.obd_ext
 from . import ops, reference
 from .curvature import METHODS, Curvature, CurvatureAccumulator, UnsupportedOpError, hessian_diag
+from .pruning import Pruner, default_prunable
 from .ops import group_saliency, saliency
 from .selection import (
     SCOPES,
@@ -51,6 +52,8 @@ __all__ = [
     "CurvatureAccumulator",
     "UnsupportedOpError",
     "hessian_diag",
+    "Pruner",
+    "default_prunable",
 ]
 
 

@@ -1,0 +1,118 @@
+"""Pruner: deleted weights stay exactly zero through any optimizer; selection criteria; persistence."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import obd_ext
+from obd_ext.pruning import Pruner, default_prunable
+
+OPTIMIZERS = {
+    "sgd": lambda p: torch.optim.SGD(p, lr=0.1),
+    "sgd-momentum-wd": lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, weight_decay=0.1, nesterov=True),
+    "adam": lambda p: torch.optim.Adam(p, lr=0.05),
+    "adam-wd": lambda p: torch.optim.Adam(p, lr=0.05, weight_decay=0.1),
+    "adamw": lambda p: torch.optim.AdamW(p, lr=0.05, weight_decay=0.5),
+    "rmsprop": lambda p: torch.optim.RMSprop(p, lr=0.01, momentum=0.5),
+    "adagrad": lambda p: torch.optim.Adagrad(p, lr=0.1),
+}
+
+
+def net(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(opt=st.sampled_from(list(OPTIMIZERS)), warmup=st.integers(0, 3), steps=st.integers(1, 6),
+       sparsity=st.floats(0, 1), criterion=st.sampled_from(["magnitude", "random", "obd"]), seed=st.integers(0, 5))
+def test_deleted_weights_stay_exactly_zero(opt, warmup, steps, sparsity, criterion, seed):
+    """Pruning after some training (momentum and moments already built up) and training on."""
+    model = net(seed)
+    x, y = torch.randn(16, 6), torch.randint(0, 3, (16,))
+    optimizer = OPTIMIZERS[opt](model.parameters())
+    for _ in range(warmup):
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+    pruner = Pruner(model)
+    curv = obd_ext.hessian_diag(model, nn.CrossEntropyLoss(), (x, y), method="lm", progress=False) \
+        if criterion == "obd" else None
+    pruner.attach(optimizer)
+    pruner.prune(sparsity, criterion=criterion, curvature=curv, generator=torch.Generator().manual_seed(seed))
+    for _ in range(steps):
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        for name, m in pruner.masks.items():
+            assert not model.get_parameter(name).grad[~m].any()  # masked gradients
+        optimizer.step()
+        for name, m in pruner.masks.items():
+            p = model.get_parameter(name)
+            assert (p[~m] == 0).all()
+            for v in optimizer.state[p].values():
+                if torch.is_tensor(v) and v.shape == p.shape:
+                    assert not v[~m].any()
+    total = sum(m.numel() for m in pruner.masks.values())
+    assert sum(int((~m).sum()) for m in pruner.masks.values()) == round(sparsity * total)
+
+
+def test_default_prunable_and_counts():
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.Flatten(), nn.Linear(8, 3), nn.LayerNorm(3))
+    assert default_prunable(model) == ["0.weight", "3.weight"]
+    pruner = Pruner(model)
+    pruner.prune(0.5, criterion="magnitude")
+    assert sum(pruner.counts().values()) == round(0.5 * (18 + 24))
+    assert pruner.sparsity == pytest.approx(21 / 42)
+
+
+def test_steps_keep_earlier_deletions_and_factor_variant():
+    model = net()
+    pruner = Pruner(model)
+    pruner.prune(0.3, criterion="magnitude")
+    first = pruner.state_dict()
+    pruner.prune(0.6, criterion="magnitude")
+    for k, m in pruner.masks.items():
+        assert not (m & ~first[k]).any()
+    w0 = {k: p.detach().clone() for k, p in model.named_parameters()}
+    p2 = Pruner(net())
+    model2 = p2.model
+    before = {k: v.detach().clone() for k, v in model2.named_parameters()}
+    p2.prune(0.5, criterion="magnitude", factor=0.5)
+    for k, m in p2.masks.items():
+        torch.testing.assert_close(model2.get_parameter(k)[~m], before[k][~m] * 0.5)
+    p2.revive()
+    assert p2.sparsity == 0.0
+    assert w0  # the first model is untouched by the second pruner
+
+
+def test_state_dict_roundtrip_and_deepcopy():
+    model = net()
+    pruner = Pruner(model)
+    pruner.prune(0.5, criterion="magnitude")
+    state = pruner.state_dict()
+    other = Pruner(net(1))
+    other.load_state_dict(state)
+    for k in state:
+        assert torch.equal(other.masks[k], state[k])
+        assert (other.model.get_parameter(k)[~state[k]] == 0).all()
+    clone = copy.deepcopy(model)
+    assert all(torch.equal(a, b) for a, b in zip(clone.parameters(), model.parameters()))
+    with pytest.raises(ValueError, match="has shape"):
+        other.load_state_dict({k: v[:1] for k, v in state.items()})
+
+
+def test_errors():
+    model = net()
+    pruner = Pruner(model)
+    with pytest.raises(ValueError, match=r"sparsity must be a number in \[0, 1\], got 1.5"):
+        pruner.prune(1.5, criterion="magnitude")
+    with pytest.raises(ValueError, match="criterion must be one of"):
+        pruner.prune(0.5, criterion="taylor")
+    with pytest.raises(ValueError, match="needs curvature"):
+        pruner.prune(0.5, criterion="obd")
+    with pytest.raises(ValueError, match="no parameter named 'nope'"):
+        Pruner(model, params=["nope"])
