@@ -26,7 +26,7 @@ from torch import Tensor
 
 from .selection import SCOPES, Selection, check_sparsity, prune_, select_scores
 
-__all__ = ["Pruner", "default_prunable", "CRITERIA"]
+__all__ = ["Pruner", "default_prunable", "CRITERIA", "OBDUnstructured"]
 
 CRITERIA = ("obd", "lm", "fisher", "magnitude", "random")
 
@@ -175,3 +175,58 @@ class Pruner:
                                  f"expected {tuple(m.shape)}")
             m.copy_(state[k])
         self.apply_masks()
+
+
+# ---------------------------------------------------------------------------
+# torch.nn.utils.prune interoperability
+# ---------------------------------------------------------------------------
+
+from torch.nn.utils import prune as _torch_prune  # noqa: E402
+
+
+class OBDUnstructured(_torch_prune.BasePruningMethod):
+    """A ``torch.nn.utils.prune`` method that deletes by OBD saliency ``h w^2 / 2``.
+
+    Example::
+
+        OBDUnstructured.apply(model.fc, "weight", amount=0.5, curvature=h["fc.weight"])
+
+    Like torch's own methods, ``amount`` (a fraction or a count) is taken from
+    the entries not yet pruned; existing masks are kept. For a global pool,
+    pass ``importance_scores={(m, "weight"): obd_ext.saliency(w, h), ...}`` to
+    ``torch.nn.utils.prune.global_unstructured``.
+    """
+
+    PRUNING_TYPE = "unstructured"
+
+    def __init__(self, amount, curvature: Tensor):
+        _torch_prune._validate_pruning_amount_init(amount)
+        self.amount = amount
+        self.curvature = curvature
+
+    def compute_mask(self, t: Tensor, default_mask: Tensor) -> Tensor:
+        from .ops import saliency
+
+        if t.shape != self.curvature.shape:
+            raise ValueError(f"OBDUnstructured: curvature has shape {tuple(self.curvature.shape)} but the tensor to "
+                             f"prune has shape {tuple(t.shape)}; use OBDUnstructured.apply (it handles tensors "
+                             "pruned before)")
+        keep = default_mask.clone().bool()
+        alive = int(keep.sum())
+        k = _torch_prune._compute_nparams_toprune(self.amount, alive)
+        _torch_prune._validate_pruning_amount(k, alive)
+        already = keep.numel() - alive
+        with torch.no_grad():
+            select_scores([saliency(t.detach(), self.curvature.to(t.device))], k=already + k, masks=[keep])
+        return keep.to(default_mask.dtype)
+
+    @classmethod
+    def apply(cls, module: nn.Module, name: str, amount, curvature: Tensor):  # type: ignore[override]
+        if hasattr(module, name + "_mask"):
+            # Pruned before: torch's container would hand compute_mask only the
+            # surviving entries, without their positions, so select on the
+            # whole tensor here and add the result as a custom mask.
+            orig, old = getattr(module, name + "_orig"), getattr(module, name + "_mask")
+            keep = cls(amount, curvature).compute_mask(orig.detach(), old)
+            return _torch_prune.custom_from_mask(module, name, keep)
+        return super().apply(module, name, amount=amount, curvature=curvature)

@@ -116,3 +116,42 @@ def test_errors():
         pruner.prune(0.5, criterion="obd")
     with pytest.raises(ValueError, match="no parameter named 'nope'"):
         Pruner(model, params=["nope"])
+
+
+def test_torch_prune_method_and_importance_scores():
+    from torch.nn.utils import prune
+
+    from obd_ext.pruning import OBDUnstructured
+
+    model = net()
+    w = model[0].weight.detach().clone()
+    h = torch.rand_like(w)
+    OBDUnstructured.apply(model[0], "weight", amount=0.25, curvature=h)
+    mask = model[0].weight_mask.bool()
+    s = obd_ext.saliency(w, h)
+    assert int((~mask).sum()) == round(0.25 * w.numel())
+    assert s[~mask].max() <= s[mask].min()  # the lowest saliencies went
+    OBDUnstructured.apply(model[0], "weight", amount=0.5, curvature=h)  # of the rest, as torch's methods do
+    assert int((~model[0].weight_mask.bool()).sum()) == round(0.25 * w.numel()) + round(0.5 * round(0.75 * w.numel()))
+    prune.remove(model[0], "weight")
+    # the global form: OBD saliency as importance scores
+    model2 = net()
+    hs = {m: torch.rand_like(m.weight) for m in (model2[0], model2[2])}
+    prune.global_unstructured([(m, "weight") for m in hs], pruning_method=prune.L1Unstructured,
+                              importance_scores={(m, "weight"): obd_ext.saliency(m.weight.detach(), h2)
+                                                 for m, h2 in hs.items()}, amount=20)
+    assert sum(int((m.weight_mask == 0).sum()) for m in hs) == 20
+
+
+def test_pruned_model_under_torch_compile():
+    model = net()
+    x = torch.randn(5, 6)
+    pruner = Pruner(model)
+    pruner.prune(0.5, criterion="magnitude")
+    compiled = torch.compile(model, backend="aot_eager")
+    torch.testing.assert_close(compiled(x), model(x))
+    pruner.remove()  # finalised: a plain model with zeros in place, no hooks
+    m = pruner.masks["0.weight"]
+    assert (model[0].weight[~m] == 0).all()
+    model(x).square().sum().backward()
+    assert model[0].weight.grad[~m].abs().sum() > 0  # gradients no longer masked: the hooks are gone
