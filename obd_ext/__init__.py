@@ -10,7 +10,8 @@ import torch  # noqa: F401  (must load before _C: it links against libtorch)
 from . import _C  # noqa: F401  loads the kernels and registers torch.ops.obd_ext
 from . import ops, reference
 from .curvature import METHODS, Curvature, CurvatureAccumulator, UnsupportedOpError, hessian_diag
-from .pruning import Pruner, default_prunable
+from .pruning import OBDUnstructured, Pruner, default_prunable
+from .scheduler import OBDScheduler, cubic, fixed, one_shot
 from .ops import group_saliency, saliency
 from .selection import (
     SCOPES,
@@ -54,6 +55,11 @@ __all__ = [
     "hessian_diag",
     "Pruner",
     "default_prunable",
+    "OBDUnstructured",
+    "OBDScheduler",
+    "one_shot",
+    "fixed",
+    "cubic",
 ]
 
 

@@ -1,0 +1,100 @@
+"""The OBD recipe as a scheduler: schedules, budget, logs, and resume after a real SIGKILL."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+
+from obd_ext.scheduler import OBDScheduler, cubic, fixed, one_shot
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_schedules():
+    assert one_shot(0.6) == [0.6]
+    assert fixed(0.5, 3) == pytest.approx([0.5, 0.75, 0.875])
+    c = cubic(0.9, 4)
+    assert c[-1] == pytest.approx(0.9) and c == sorted(c) and c[0] > 0
+    with pytest.raises(ValueError, match="fixed"):
+        fixed(1.5, 2)
+    with pytest.raises(ValueError, match="non-decreasing"):
+        OBDScheduler(nn.Linear(2, 2), nn.MSELoss(), (torch.randn(3, 2), torch.randn(3, 2)), None, [0.5, 0.2])
+
+
+def _setup(seed=0):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(6, 10), nn.Tanh(), nn.Linear(10, 3))
+    x, y = torch.randn(40, 6), torch.randint(0, 3, (40,))
+    return model, x, y
+
+
+def test_rounds_log_and_frozen_weights(tmp_path):
+    model, x, y = _setup()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    loss_fn = nn.CrossEntropyLoss()
+
+    def train(r):
+        for _ in range(10):
+            opt.zero_grad()
+            loss_fn(model(x), y).backward()
+            opt.step()
+
+    log_path = tmp_path / "log.json"
+    sched = OBDScheduler(model, loss_fn, (x, y), train, fixed(0.4, 3), optimizer=opt, log_path=str(log_path),
+                         eval_fn=lambda: {"acc": float((model(x).argmax(1) == y).float().mean())}, progress=False)
+    log = sched.run()
+    assert [e["round"] for e in log] == [0, 1, 2]
+    assert json.loads(log_path.read_text()) == json.loads(json.dumps(log))
+    assert sched.pruner.sparsity == pytest.approx(1 - 0.6 ** 3, abs=0.02)
+    for e in log:
+        assert {"predicted_increase", "actual_increase", "loss_after_retrain", "acc", "sparsity"} <= set(e)
+    for name, m in sched.pruner.masks.items():
+        assert (model.get_parameter(name)[~m] == 0).all()
+
+
+def test_loss_budget_stops_and_undoes_the_round():
+    model, x, y = _setup()
+    w0 = [p.detach().clone() for p in model.parameters()]
+    sched = OBDScheduler(model, nn.CrossEntropyLoss(), (x, y), None, [0.9], loss_budget=1e-12, progress=False)
+    log = sched.run()
+    assert log[0]["stopped_by_budget"] and sched.pruner.sparsity == 0.0
+    assert all(torch.equal(a, b) for a, b in zip(w0, model.parameters()))
+
+
+def _job(checkpoint, result, pause="0"):
+    return [sys.executable, str(ROOT / "tests" / "scheduler_job.py"), str(checkpoint), str(result), pause]
+
+
+def test_resume_after_sigkill_is_bitwise_identical(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    # The uninterrupted run.
+    subprocess.run(_job(tmp_path / "a.ckpt", tmp_path / "a.pt"), check=True, env=env, timeout=300)
+    # A run killed with SIGKILL once at least two rounds are checkpointed, then restarted.
+    ckpt = tmp_path / "b.ckpt"
+    proc = subprocess.Popen(_job(ckpt, tmp_path / "b.pt", "0.5"), env=env)
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        if ckpt.exists() and torch.load(ckpt, weights_only=False)["round"] >= 2:
+            break
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert not (tmp_path / "b.pt").exists()  # it really was cut off before the end
+    done = torch.load(ckpt, weights_only=False)["round"]
+    assert 2 <= done < 5
+    subprocess.run(_job(ckpt, tmp_path / "b.pt"), check=True, env=env, timeout=300)
+    a, b = torch.load(tmp_path / "a.pt", weights_only=False), torch.load(tmp_path / "b.pt", weights_only=False)
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    for k in a["masks"]:
+        assert torch.equal(a["masks"][k], b["masks"][k]), k
+    assert [e["round"] for e in b["log"]] == [0, 1, 2, 3, 4]
+    assert a["log"] == b["log"]
