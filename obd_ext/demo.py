@@ -16,8 +16,10 @@ MSE to +-1 targets, then:
   remaining, for iterative OBD with retraining (obd_ext.OBDScheduler) and
   without retraining.
 
-Writes fig1a.png, fig1b.png, fig2.png and results.json into --out and prints
-a summary table.
+Writes fig1a.png, fig1b.png, fig2.png, results.json, the saliency report of
+the trained network (saliency_report.json, saliency_layers.png,
+saliency_units.png) and the scheduler's predicted-vs-actual rounds
+(rounds.png) into --out, and prints the report and a summary table.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ import torch.nn as nn
 
 from .curvature import hessian_diag
 from .ops import saliency
+from .report import format_report, plot_rounds, saliency_report
 from .scheduler import OBDScheduler
 from .selection import prune_global_, select_scores
 
@@ -122,6 +125,7 @@ def run_demo(out_dir: str, seed: int = 0, epochs: int = 1500, retrain_steps: int
     base = _metrics(model, train)
     loss_fn = nn.MSELoss()
     h = hessian_diag(model, loss_fn, (train[0], train[1]), method="obd", progress=progress)
+    report = saliency_report(model, h, names, out_dir)  # the paper's interactive tool, as a table and charts
     # OBD: delete step by step in order of saliency, recomputing the curvature
     # of the pruned network after each step (no retraining); the one-shot order
     # from the trained network is kept as "obd_static" for comparison.
@@ -163,6 +167,7 @@ def run_demo(out_dir: str, seed: int = 0, epochs: int = 1500, retrain_steps: int
                          params=names, progress=progress, seed=seed,
                          eval_fn=lambda: {f"test_{k}": v for k, v in _metrics(model, test).items()})
     log = sched.run()
+    plot_rounds(log, os.path.join(out_dir, "rounds.png"))
     with_retrain = [{"remaining": total, **{f"train_{k}": v for k, v in base.items()},
                      **{f"test_{k}": v for k, v in _metrics_at(trained, test).items()}}]
     for entry, remaining in zip(log, remaining_levels[1:]):
@@ -180,6 +185,7 @@ def run_demo(out_dir: str, seed: int = 0, epochs: int = 1500, retrain_steps: int
     with open(os.path.join(out_dir, "results.json"), "w") as f:
         json.dump(results, f, indent=2)
     _plot(results, out_dir)
+    print(format_report(report))
     _print_summary(results)
     return results
 

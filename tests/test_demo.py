@@ -15,7 +15,8 @@ def test_demo_cli(tmp_path):
                           cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "remaining" in proc.stdout  # the printed table
-    for name in ("fig1a.png", "fig1b.png", "fig2.png", "results.json"):
+    for name in ("fig1a.png", "fig1b.png", "fig2.png", "results.json", "saliency_report.json", "saliency_layers.png",
+                 "saliency_units.png", "rounds.png"):
         assert (out / name).stat().st_size > 0, name
     r = json.loads((out / "results.json").read_text())
     f1 = r["figure1a"]
