@@ -202,27 +202,26 @@ def _plot(r: Dict[str, object], out_dir: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    f1 = r["figure1a"]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for k, style in (("obd", "-o"), ("obd_static", ":o"), ("magnitude", "-s"), ("random", "-^")):
-        ax.plot(f1["remaining"], f1["train_mse_db"][k], style, ms=3, label=k)
-    ax.set(xlabel="parameters remaining", ylabel="training MSE (dB)", title="Fig. 1a: deletion without retraining")
-    ax.invert_xaxis()
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(os.path.join(out_dir, "fig1a.png"), dpi=120)
-    plt.close(fig)
+    def curves_figure(name: str, title: str, remaining, curves) -> None:
+        """One panel: training MSE (dB) against parameters remaining, one line per (label, values, style)."""
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for label, values, style in curves:
+            ax.plot(remaining, values, style, ms=3, label=label)
+        ax.set(xlabel="parameters remaining", ylabel="training MSE (dB)", title=title)
+        ax.invert_xaxis()
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(os.path.join(out_dir, name), dpi=120)
+        plt.close(fig)
 
+    f1 = r["figure1a"]
+    curves_figure("fig1a.png", "Fig. 1a: deletion without retraining", f1["remaining"],
+                  [(k, f1["train_mse_db"][k], st) for k, st in
+                   (("obd", "-o"), ("obd_static", ":o"), ("magnitude", "-s"), ("random", "-^"))])
     f1b = r["figure1b"]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(f1b["remaining"], [_db(v) for v in f1b["predicted_mse"]], "-o", ms=3, label="predicted (OBD)")
-    ax.plot(f1b["remaining"], [_db(v) for v in f1b["actual_mse"]], "-s", ms=3, label="actual")
-    ax.set(xlabel="parameters remaining", ylabel="training MSE (dB)", title="Fig. 1b: predicted vs actual objective")
-    ax.invert_xaxis()
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(os.path.join(out_dir, "fig1b.png"), dpi=120)
-    plt.close(fig)
+    curves_figure("fig1b.png", "Fig. 1b: predicted vs actual objective", f1b["remaining"],
+                  [("predicted (OBD)", [_db(v) for v in f1b["predicted_mse"]], "-o"),
+                   ("actual", [_db(v) for v in f1b["actual_mse"]], "-s")])
 
     f2 = r["figure2"]
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))

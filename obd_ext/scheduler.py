@@ -27,7 +27,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 import torch.nn as nn
 
-from .curvature import hessian_diag
+from .curvature import as_batches, hessian_diag
 from .pruning import Pruner
 
 __all__ = ["one_shot", "fixed", "cubic", "OBDScheduler"]
@@ -103,8 +103,7 @@ class OBDScheduler:
     @torch.no_grad()
     def _loss(self) -> float:
         total, n = 0.0, 0
-        batches = [self.data] if isinstance(self.data, tuple) else self.data
-        for x, y in batches:
+        for x, y in as_batches(self.data):
             total += float(self.loss_fn(self.model(x), y))
             n += 1
         return total / max(n, 1)
@@ -171,9 +170,11 @@ class OBDScheduler:
             curvature = None
             if criterion == "obd":
                 curvature = hessian_diag(self.model, self.loss_fn, self.data, method=self.method, progress=False)
-            masks_before = self.pruner.state_dict()
-            weights_before = {k: p.detach().clone() for k, p in self.pruner.params.items()}
-            opt_before = copy.deepcopy(self.optimizer.state_dict()) if self.optimizer is not None else None
+            # Snapshots to undo the round, only when a budget can ask for it.
+            undo = self.loss_budget is not None
+            masks_before = self.pruner.state_dict() if undo else None
+            weights_before = {k: p.detach().clone() for k, p in self.pruner.params.items()} if undo else None
+            opt_before = copy.deepcopy(self.optimizer.state_dict()) if undo and self.optimizer is not None else None
             sel = self.pruner.prune(target, criterion=criterion, curvature=curvature, scope=self.scope,
                                     generator=torch.Generator().manual_seed(self.seed + r))
             after = self._loss()

@@ -97,7 +97,8 @@ def _selected(model: nn.Module, params) -> Dict[str, Tensor]:
     return {k: v for k, v in out.items() if v.requires_grad}
 
 
-def _batches(data) -> Iterable[Tuple[Tensor, Tensor]]:
+def as_batches(data) -> Iterable[Tuple[Tensor, Tensor]]:
+    """Data given as one (inputs, targets) pair or as an iterable of such batches."""
     if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, Tensor) for t in data):
         return [tuple(data)]
     return data
@@ -180,7 +181,7 @@ def hessian_diag(model: nn.Module, loss_fn, data, method: str = "obd", reduction
     if method in ("obd", "lm"):
         acc = CurvatureAccumulator(model, loss_fn, method, list(selected))
     total: Dict[str, Tensor] = {}
-    batches = _batches(data)
+    batches = as_batches(data)
     try:
         from tqdm.auto import tqdm
 

@@ -281,6 +281,14 @@ def div(node, g: Grads, h: Grads, ctx: Ctx):
     return (g_a, g_b), (h_a, h_b)
 
 
+def _averaging(node, g: Grads, h: Grads, ctx: Ctx, d: float):
+    """A linear map with entries 1/d (means, average pools): the node's own
+    backward gives H/d, the squared entries need H/d^2."""
+    h_in = _call(node, h)[0] / d
+    g_in = _call(node, g)[0] if ctx.need_g and g[0] is not None else None
+    return (g_in,), (h_in,)
+
+
 def mean(node, g: Grads, h: Grads, ctx: Ctx):
     """Mean: Jacobian entries 1/n, so H gets 1/n^2 (the node's backward gives 1/n)."""
     sizes = node._saved_self_sym_sizes
@@ -288,16 +296,12 @@ def mean(node, g: Grads, h: Grads, ctx: Ctx):
     n = 1
     for d in (dims if dims else range(len(sizes))):
         n *= int(sizes[_signed(d)])
-    h_in = _call(node, h)[0] / n
-    g_in = _call(node, g)[0] if ctx.need_g and g[0] is not None else None
-    return (g_in,), (h_in,)
+    return _averaging(node, g, h, ctx, n)
 
 
 def mean_all(node, g: Grads, h: Grads, ctx: Ctx):
     n = int(node._saved_self_sym_numel)
-    h_in = _call(node, h)[0] / n
-    g_in = _call(node, g)[0] if ctx.need_g and g[0] is not None else None
-    return (g_in,), (h_in,)
+    return _averaging(node, g, h, ctx, n)
 
 
 # ---------------------------------------------------------------------------
@@ -383,9 +387,7 @@ def avg_pool2d(node, g: Grads, h: Grads, ctx: Ctx):
         raise UnsupportedOpError("obd_ext curvature: avg_pool2d with padding or a divisor override has no rule; "
                                  "use method='hutchinson'")
     area = int(ks[0]) * int(ks[-1])
-    h_in = _call(node, h)[0] / area
-    g_in = _call(node, g)[0] if ctx.need_g and g[0] is not None else None
-    return (g_in,), (h_in,)
+    return _averaging(node, g, h, ctx, area)
 
 
 def adaptive_avg_pool2d(node, g: Grads, h: Grads, ctx: Ctx):
@@ -395,9 +397,7 @@ def adaptive_avg_pool2d(node, g: Grads, h: Grads, ctx: Ctx):
         raise UnsupportedOpError("obd_ext curvature: adaptive_avg_pool2d with uneven windows has no rule; "
                                  "use method='hutchinson'")
     area = (x.shape[-2] // out_h) * (x.shape[-1] // out_w)
-    h_in = _call(node, h)[0] / area
-    g_in = _call(node, g)[0] if ctx.need_g and g[0] is not None else None
-    return (g_in,), (h_in,)
+    return _averaging(node, g, h, ctx, area)
 
 
 def embedding(node, g: Grads, h: Grads, ctx: Ctx):
