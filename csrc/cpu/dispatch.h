@@ -6,6 +6,8 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include <cstdint>
+#include <cstring>
 #include <type_traits>
 
 namespace obd {
@@ -39,6 +41,24 @@ decltype(auto) dispatch_pair(at::ScalarType w, at::ScalarType h, F&& f) {
 // operand is float64, float32 otherwise (float16/bfloat16 accumulate in fp32).
 template <typename W, typename H>
 using acc_t = std::conditional_t<std::is_same_v<W, double> || std::is_same_v<H, double>, double, float>;
+
+// Finiteness from the bit pattern: plain integer ops, so the loops vectorise.
+inline bool finite_bits(float v) {
+  uint32_t u;
+  std::memcpy(&u, &v, sizeof(u));
+  return (u & 0x7F800000u) != 0x7F800000u;
+}
+inline bool finite_bits(double v) {
+  uint64_t u;
+  std::memcpy(&u, &v, sizeof(u));
+  return (u & 0x7FF0000000000000ull) != 0x7FF0000000000000ull;
+}
+// Any supported element (float16/bfloat16 widen exactly to float).
+template <typename T>
+inline bool finite_value(T v) {
+  if constexpr (std::is_same_v<T, double>) return finite_bits(v);
+  else return finite_bits(static_cast<float>(v));
+}
 
 }  // namespace cpu
 }  // namespace obd

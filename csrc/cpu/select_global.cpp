@@ -67,18 +67,6 @@ int64_t candidate_cap(int64_t fallback) {
 
 struct NoWeight {};
 
-// Finiteness from the bit pattern: plain integer ops, so the loops vectorise.
-inline bool finite_bits(float v) {
-  uint32_t u;
-  std::memcpy(&u, &v, sizeof(u));
-  return (u & 0x7F800000u) != 0x7F800000u;
-}
-inline bool finite_bits(double v) {
-  uint64_t u;
-  std::memcpy(&u, &v, sizeof(u));
-  return (u & 0x7FF0000000000000ull) != 0x7FF0000000000000ull;
-}
-
 struct Chunk {
   int32_t member;
   int64_t begin, end;

@@ -34,12 +34,6 @@ struct Segments {
   }
 };
 
-template <typename T>
-inline bool finite(T v) {
-  return std::isfinite(static_cast<double>(static_cast<float>(v)));
-}
-inline bool finite(double v) { return std::isfinite(v); }
-
 // First non-finite entry of w or h in flat order, or -1.
 template <typename W, typename H>
 int64_t first_nonfinite(const W* w, const H* h, const uint8_t* mask, int64_t n) {
@@ -47,7 +41,7 @@ int64_t first_nonfinite(const W* w, const H* h, const uint8_t* mask, int64_t n) 
   std::mutex mu;
   at::parallel_for(0, n, 1 << 16, [&](int64_t b, int64_t e) {
     for (int64_t i = b; i < e; ++i) {
-      if (mask[i] && !(finite(w[i]) && finite(h[i]))) {
+      if (mask[i] && !(finite_value(w[i]) && finite_value(h[i]))) {
         std::lock_guard<std::mutex> lock(mu);
         if (first < 0 || i < first) first = i;
         return;
@@ -70,7 +64,7 @@ int64_t first_short_segment(const W* w, const H* h, const uint8_t* mask, const S
       for (int64_t j = 0; j < seg.len; ++j) {
         const int64_t i = base + j * seg.stride;
         masked += !mask[i];
-        deletable += mask[i] && finite(w[i]) && finite(h[i]);
+        deletable += mask[i] && finite_value(w[i]) && finite_value(h[i]);
       }
       if (target - masked > deletable) {
         std::lock_guard<std::mutex> lock(mu);
@@ -134,7 +128,7 @@ at::Tensor segmented_select(const char* op, const at::Tensor& weight, const at::
             ++masked;
             continue;
           }
-          if (!(finite(wp[i]) && finite(hp[i]))) {
+          if (!(finite_value(wp[i]) && finite_value(hp[i]))) {
             ++skip;
             continue;
           }
