@@ -187,6 +187,21 @@ inline void check_squared_mm_args(const at::Tensor& a, const at::Tensor& b) {
               ": shapes ", a.sizes(), " and ", b.sizes(), " cannot be multiplied");
 }
 
+// ---------------------------------------------------------------------------
+// column_sq_sum_
+// ---------------------------------------------------------------------------
+inline void check_column_sq_sum_args(const at::Tensor& acc, const at::Tensor& x) {
+  const char* op = "column_sq_sum_";
+  TORCH_CHECK(acc.scalar_type() == at::kFloat || acc.scalar_type() == at::kDouble, "obd_ext.", op,
+              ": acc must be float32 or float64 (the accumulation precision), got ", acc.scalar_type());
+  TORCH_CHECK(acc.dim() == 1 && acc.is_contiguous(), "obd_ext.", op,
+              ": acc must be a contiguous 1-D tensor (one entry per input feature), got shape ", acc.sizes());
+  check_float(op, "x", x);
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == acc.size(0), "obd_ext.", op, ": x must have ", acc.size(0),
+              " features in its last dimension (acc's size), got shape ", x.sizes());
+  check_same_device(op, "acc", acc, "x", x);
+}
+
 inline at::Tensor make_stats(const at::Tensor& like) {
   return at::zeros({kNumStats}, like.options().dtype(at::kDouble));
 }

@@ -66,6 +66,13 @@ TORCH_LIBRARY(obd_ext, m) {
   // benchmark that chose BLAS, and as a second implementation in the tests).
   m.def("_squared_mm_direct(Tensor a, Tensor b, bool square_a, bool square_b) -> Tensor");
 
+  // Layer-wise OBD calibration statistics (EQUATIONS.md, "Layer-wise form"):
+  // acc[j] += sum over rows r of x[r, j]^2, x seen as rows x acc.numel()
+  // (its last dimension). x may be float32/float64/float16/bfloat16 and is
+  // read as it is (no upcast copy); acc is float32 or float64 and sets the
+  // accumulation precision. Deterministic: rows are summed in fixed blocks.
+  m.def("column_sq_sum_(Tensor(a!) acc, Tensor x) -> ()");
+
   m.def(
       "nm_select_(Tensor(a!) weight, Tensor curvature, Tensor(b!) mask, int n, int m, "
       "float? factor, bool skip_nonfinite) -> Tensor");

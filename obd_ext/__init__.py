@@ -11,6 +11,7 @@ from . import _C  # noqa: F401  loads the kernels and registers torch.ops.obd_ex
 from . import ops, reference
 from .curvature import METHODS, Curvature, CurvatureAccumulator, UnsupportedOpError, hessian_diag
 from .pruning import OBDUnstructured, Pruner, default_prunable
+from .sparse_export import Finalized, check_nm_pattern
 from .scheduler import OBDScheduler, cubic, fixed, one_shot
 from .ops import group_saliency, saliency
 from .selection import (
@@ -56,6 +57,8 @@ __all__ = [
     "Pruner",
     "default_prunable",
     "OBDUnstructured",
+    "Finalized",
+    "check_nm_pattern",
     "OBDScheduler",
     "one_shot",
     "fixed",

@@ -17,7 +17,7 @@ from . import _C  # noqa: F401  (loads the kernels)
 from .reference import NUM_STATS, saliency_dtype
 
 __all__ = ["saliency", "group_saliency", "global_select_", "row_select_", "nm_select_", "activation_hessian",
-           "cross_entropy_boundary", "squared_mm"]
+           "cross_entropy_boundary", "squared_mm", "column_sq_sum_"]
 
 _ops = torch.ops.obd_ext
 
@@ -72,6 +72,12 @@ def cross_entropy_boundary(logits: Tensor, target: Tensor, ignore_index: int, sc
 def squared_mm(a: Tensor, b: Tensor, square_a: bool, square_b: bool) -> Tensor:
     """``(a*a if square_a else a) @ (b*b if square_b else b)``; see the schema in csrc/ops.cpp."""
     return _ops.squared_mm.default(a, b, square_a, square_b)
+
+
+def column_sq_sum_(acc: Tensor, x: Tensor) -> Tensor:
+    """``acc[j] += sum_r x[r, j]^2`` in place (x: ``[..., acc.numel()]``); returns ``acc``."""
+    _ops.column_sq_sum_.default(acc, x)
+    return acc
 
 
 # ---------------------------------------------------------------------------
@@ -142,6 +148,12 @@ def _squared_mm_fake(a, b, square_a, square_b):
     _check_one_device("squared_mm", a, b)
     torch._check(a.shape[-1] == b.shape[-2], lambda: "obd_ext.squared_mm: shapes cannot be multiplied")
     return a.new_empty(a.shape[:-1] + b.shape[-1:])
+
+
+@torch.library.register_fake("obd_ext::column_sq_sum_")
+def _column_sq_sum_fake(acc, x):
+    _check_one_device("column_sq_sum_", acc, x)
+    torch._check(x.shape[-1] == acc.shape[0], lambda: "obd_ext.column_sq_sum_: x's last dimension must match acc")
 
 
 @torch.library.register_fake("obd_ext::_squared_mm_direct")

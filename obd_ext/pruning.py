@@ -24,6 +24,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from .sparse_export import FORMATS, Finalized, finalize_modules
 from .selection import SCOPES, Selection, check_sparsity, prune_, select_scores
 
 __all__ = ["Pruner", "default_prunable", "CRITERIA", "OBDUnstructured"]
@@ -149,6 +150,25 @@ class Pruner:
             h.remove()
         self._hooks.clear()
         self._optimizers.clear()
+
+    def finalize(self, format: str = "dense") -> Finalized:
+        """Finish pruning: zeros in place, no hooks left, optionally sparse storage.
+
+        Args:
+            format: "dense" (plain tensors with zeros), "csr" (pruned Linear
+                weights as sparse CSR parameters) or "semi_structured" (2:4
+                pruned Linear weights as CUDA 2:4 tensors); see
+                obd_ext.sparse_export. Other pruned tensors stay dense.
+
+        Returns:
+            A :class:`~obd_ext.sparse_export.Finalized` saying what was converted
+            and the bytes before and after.
+        """
+        if format not in FORMATS:  # checked before the hooks go, so a typo changes nothing
+            raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
+        self.apply_masks(0.0)
+        self.remove()
+        return finalize_modules(self.model, self.names, format)
 
     # ------------------------------------------------------------------
     # Reporting and persistence

@@ -28,6 +28,7 @@ __all__ = [
     "activation_hessian",
     "cross_entropy_boundary",
     "squared_mm",
+    "column_sq_sum",
 ]
 
 # Layout of the float64 statistics every selection op returns.
@@ -293,3 +294,13 @@ def cross_entropy_boundary(logits: Tensor, target: Tensor, ignore_index: int, sc
 def squared_mm(a: Tensor, b: Tensor, square_a: bool, square_b: bool) -> Tensor:
     """``(a*a if square_a else a) @ (b*b if square_b else b)``."""
     return (a * a if square_a else a) @ (b * b if square_b else b)
+
+
+def column_sq_sum(x: Tensor, acc_dtype: torch.dtype = torch.float32) -> Tensor:
+    """``sum_r x[r, j]^2`` over every row of ``x`` (last dimension = features), in float64, cast to ``acc_dtype``.
+
+    The layer-wise OBD statistics: for ``y = x W^T`` the reconstruction loss
+    ``sum ||y - y'||^2`` has Hessian ``2 X^T X``, whose diagonal is twice this.
+    """
+    xs = x.reshape(-1, x.shape[-1]).double()
+    return (xs * xs).sum(0).to(acc_dtype)

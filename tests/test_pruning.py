@@ -155,3 +155,86 @@ def test_pruned_model_under_torch_compile():
     assert (model[0].weight[~m] == 0).all()
     model(x).square().sum().backward()
     assert model[0].weight.grad[~m].abs().sum() > 0  # gradients no longer masked: the hooks are gone
+
+
+
+class _Unflat(nn.Module):
+    def forward(self, x):
+        return x[:, None, :]
+
+
+def _conv_mlp(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(16, 32), nn.Tanh(), _Unflat(), nn.Conv1d(1, 1, 3), nn.Flatten(), nn.Linear(30, 8))
+
+
+def test_finalize_dense_leaves_zeros_and_no_hooks():
+    model = _conv_mlp()
+    pruner = Pruner(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    pruner.attach(opt)
+    pruner.prune(0.6, criterion="magnitude", factor=0.5)  # the "decrease" variant: finalising still zeros them
+    report = pruner.finalize()
+    assert report.format == "dense" and report.converted == [] and report.kept_dense == pruner.names
+    for name, keep in pruner.masks.items():
+        assert (model.get_parameter(name)[~keep] == 0).all()
+        assert not model.get_parameter(name)._backward_hooks
+    assert not opt._optimizer_step_post_hooks
+    clone = copy.deepcopy(model)
+    x = torch.randn(4, 16)
+    torch.testing.assert_close(clone(x), model(x))
+
+
+def test_finalize_csr_matches_dense_and_saves_bytes(tmp_path):
+    model = _conv_mlp()
+    pruner = Pruner(model)
+    pruner.prune(0.9, criterion="magnitude")
+    dense = copy.deepcopy(model)
+    Pruner(dense).finalize()
+    report = pruner.finalize("csr")
+    assert report.converted == ["0.weight", "5.weight"] and report.kept_dense == ["3.weight"]
+    for name in report.converted:
+        w = model.get_parameter(name)
+        assert w.layout == torch.sparse_csr and w.col_indices().dtype == torch.int32 and not w.requires_grad
+        assert torch.equal(w.to_dense(), dense.get_parameter(name))
+    assert report.bytes_after < report.bytes_before
+    x = torch.randn(3, 16)
+    torch.testing.assert_close(model(x), dense(x))
+    torch.save(model.state_dict(), tmp_path / "m.pt")
+    loaded = torch.load(tmp_path / "m.pt")
+    assert loaded["0.weight"].layout == torch.sparse_csr
+
+
+def test_finalize_errors_name_the_layer():
+    model = _conv_mlp()
+    pruner = Pruner(model)
+    pruner.prune(0.5, criterion="magnitude")
+    with pytest.raises(ValueError, match="format must be one of"):
+        pruner.finalize("coo")
+    assert pruner._hooks  # a wrong format changes nothing
+    with pytest.raises(ValueError, match=r"0.weight is not 2:4 sparse: row \d+, inputs \d+\.\.\d+ hold [34] nonzeros"):
+        pruner.finalize("semi_structured")
+    nm = _conv_mlp()
+    p = Pruner(nm, params=["0.weight"])
+    p.prune(0.5, criterion="magnitude", scope="nm", n=2, m=4)
+    obd_ext.check_nm_pattern(nm[0].weight, 2, 4)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="0.weight: 2:4 semi-structured tensors run on CUDA only"):
+            p.finalize("semi_structured")
+    with pytest.raises(ValueError, match="CPU CSR matmul supports float32/float64 only, got torch.bfloat16"):
+        b = _conv_mlp().bfloat16()
+        Pruner(b).finalize("csr")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="2:4 semi-structured tensors are CUDA-only in torch")
+def test_finalize_semi_structured_on_cuda():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 64)).cuda().half()
+    pruner = Pruner(model)
+    pruner.prune(0.5, criterion="magnitude", scope="nm", n=2, m=4)
+    dense = copy.deepcopy(model)
+    Pruner(dense).finalize()
+    report = pruner.finalize("semi_structured")
+    assert report.converted == ["0.weight", "2.weight"] and report.bytes_after < report.bytes_before
+    x = torch.randn(64, 128, device="cuda", dtype=torch.half)
+    torch.testing.assert_close(model(x), dense(x), rtol=1e-2, atol=1e-2)
