@@ -38,7 +38,7 @@ from typing import Dict, List
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import machine, peak_extra_bytes, print_table, sync, time_call, write_json  # noqa: E402
+from common import exact_rss_accounting, machine, peak_extra_bytes, print_table, sync, time_call, write_json  # noqa: E402
 
 import obd_ext  # noqa: E402
 from obd_ext.ops import column_sq_sum_  # noqa: E402
@@ -124,6 +124,8 @@ def semi_structured_rows(d: int, ffn: int, batches: List[int], device: str, dtyp
 
 
 def main(argv=None) -> int:
+    if argv is None:
+        exact_rss_accounting()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--scale", type=float, help="shrink d, ffn and tokens by this (default 1 on GPU, 0.125 on CPU)")

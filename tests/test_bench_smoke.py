@@ -29,3 +29,10 @@ def test_bench_curvature_quick(tmp_path):
     rows = res["results"]
     assert {r["model"] for r in rows} == {"mlp", "lenet", "resnet", "gpt-v512"}
     assert all(r["x_fwd_bwd"] > 0 for r in rows)
+
+
+def test_bench_llm_quick(tmp_path):
+    res = run(["bench/bench_llm.py", "--quick"], tmp_path)
+    rows = res["results"]
+    assert {r["pattern"] for r in rows} == {"unstructured", "2:4"}
+    assert all(r["mask_mismatch"] < 1e-3 and r["model_s"] > 0 for r in rows)
