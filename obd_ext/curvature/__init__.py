@@ -197,12 +197,8 @@ def hessian_diag(model: nn.Module, loss_fn, data, method: str = "obd", reduction
             acc.accumulate(out, y)
             continue
         if method in ("fisher", "ggn-mc"):
-            part = per_sample_squared(model, loss_fn, x, y, selected, method == "ggn-mc", gen)
-            if method == "ggn-mc" and samples > 1:
-                for _ in range(samples - 1):
-                    more = per_sample_squared(model, loss_fn, x, y, selected, True, gen)
-                    part = {k: part[k] + more[k] for k in part}
-                part = {k: v / samples for k, v in part.items()}
+            part = per_sample_squared(model, loss_fn, x, y, selected, method == "ggn-mc", gen,
+                                      samples=samples if method == "ggn-mc" else 1)
         else:
             loss = loss_fn(model(x), y)
             part = hutchinson(loss, selected, samples, gen) if method == "hutchinson" else exact(loss, selected)

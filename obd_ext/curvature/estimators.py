@@ -7,22 +7,23 @@
 - ``hutchinson``: ``E[v * Hv]`` over Rademacher ``v`` (any model, any loss);
 - ``exact``: the Hessian's diagonal by autograd (small models, validation).
 
-Per-sample gradients come from torch.func in chunks of samples, so memory is
-bounded by ``chunk x parameters``.
+``fisher`` and ``ggn-mc`` take per-sample gradients one parameter use at a
+time (per_sample.py: memory of a chunk of samples times one parameter), and
+per-sample gradients of the whole model from torch.func (``chunk x
+parameters``) only for what that path does not handle.
 """
 
 from __future__ import annotations
 
-import warnings
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
 from torch import Tensor
 from torch.func import functional_call, grad, vmap
 
-from .. import ops
 from .losses import boundary_for, sampled_targets
+from .per_sample import layerwise_squared
 
 __all__ = ["per_sample_squared", "hutchinson", "exact"]
 
@@ -38,76 +39,28 @@ def _sum_loss(loss_fn) -> Callable[[Tensor, Tensor], Tensor]:
     return lambda y, t: loss_fn(y, t, reduction="sum")
 
 
-# Modules whose per-sample gradients the squared-operand fast path handles: a
-# chain of Linear layers and elementwise functions, one row per sample.
-_ROWWISE = (nn.Sequential, nn.ModuleList, nn.Linear, nn.Identity, nn.Flatten, nn.Tanh, nn.Sigmoid, nn.ReLU,
-            nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Softplus, nn.Hardtanh, nn.ReLU6, nn.Softmax, nn.LogSoftmax)
-
-
 def _rows_fast_path(model: nn.Module, loss_fn, x: Tensor, y: Tensor, params: Dict[str, Tensor], sample_targets: bool,
-                    generator: Optional[torch.Generator]) -> Tuple[Optional[Dict[str, Tensor]], Optional[Tensor]]:
-    """``c * sum_n g_n^2`` without per-sample gradients, when every sample is one row.
+                    generator: Optional[torch.Generator], draws: int = 1
+                    ) -> Tuple[Optional[Dict[str, Tensor]], Optional[List[Tensor]]]:
+    """The layer-wise path (per_sample.py): per-sample gradients one parameter at a time.
 
-    For a Linear layer whose input X has one row per sample, the per-sample
-    weight gradient is the outer product g_n x_n^T, so the sum of its squares
-    is the squared-operand product (G*G)^T (X*X) (the bias: the column sums of
-    G*G). G, the gradient of the batch loss at the layer's output, is c times
-    the per-sample one, hence the 1/c. Applies when the model is a chain of
-    Linear layers and elementwise modules, each Linear is called once on a
-    (batch x features) input, and only their weights and biases are asked
-    for; otherwise returns (None, targets drawn so far) for the general path.
+    It began as a fast path for Linear chains with one row per sample (whose
+    squared-operand form it keeps) and keeps the name for callers that switch
+    it off. Returns (curvature of the parameters it handles, or None for none;
+    the targets drawn, or None when none were).
     """
-    if not all(type(m) in _ROWWISE for m in model.modules()):
-        return None, None
-    owner = {}
-    for mname, mod in model.named_modules():
-        if isinstance(mod, nn.Linear):
-            for pn in ("weight", "bias"):
-                if getattr(mod, pn) is not None:
-                    owner[f"{mname}.{pn}" if mname else pn] = (mod, pn)
-    if not set(params) <= set(owner):
-        return None, None
-    seen: Dict[nn.Module, list] = {}
-    hooks = []
-    for mod in {m for m, _ in owner.values()}:
-        hooks.append(mod.register_forward_hook(lambda m, inp, out: seen.setdefault(m, []).append([inp[0], None])))
-        hooks.append(mod.register_full_backward_hook(lambda m, gin, gout: seen[m][-1].__setitem__(1, gout[0])))
-    try:
-        # The first layer's input needs no gradient, which makes full backward
-        # hooks warn; its grad_output (all the fast path reads) is still there.
-        with torch.enable_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)
-            out = model(x)
-            targets = sampled_targets(out, loss_fn, generator) if sample_targets else y
-            scale = boundary_for(loss_fn)(out, targets).scale
-            torch.autograd.grad(loss_fn(out, targets), list(params.values()), allow_unused=True)
-    finally:
-        for hk in hooks:
-            hk.remove()
-    result = {}
-    for name in params:
-        mod, pn = owner[name]
-        calls = seen.get(mod, [])
-        if len(calls) != 1 or calls[0][1] is None or calls[0][0].dim() != 2 or calls[0][0].shape[0] != x.shape[0]:
-            return None, targets  # used twice, or not one row per sample: per-sample gradients needed
-        xin, g = calls[0][0].detach(), calls[0][1].detach()
-        result[name] = (ops.squared_mm(g.t(), xin, True, True) if pn == "weight" else (g * g).sum(0)) / scale
-    return result, targets
+    result, targets = layerwise_squared(model, loss_fn, x, y, params, sample_targets, generator, draws)
+    return result, (targets or None)
 
 
-def per_sample_squared(model: nn.Module, loss_fn, x: Tensor, y: Tensor, params: Dict[str, Tensor],
-                       sample_targets: bool, generator: Optional[torch.Generator], chunk: int = 64
-                       ) -> Dict[str, Tensor]:
-    """``c * sum_n g_n^2`` over the batch (empirical Fisher, or MC-GGN with sampled targets)."""
-    fast, drawn = _rows_fast_path(model, loss_fn, x, y, params, sample_targets, generator)
-    if fast is not None:
-        return fast
+def _vmap_squared(model: nn.Module, loss_fn, x: Tensor, targets: Tensor, params: Dict[str, Tensor],
+                  chunk: int) -> Dict[str, Tensor]:
+    """``c * sum_n g_n^2`` from per-sample gradients of the whole model (torch.func), ``chunk`` samples at a time."""
     frozen = {k: v.detach() for k, v in model.named_parameters() if k not in params}
     frozen.update({k: v.detach() for k, v in model.named_buffers()})
     loss_n = _sum_loss(loss_fn)
     with torch.no_grad():
         out = model(x)
-    targets = drawn if drawn is not None else (sampled_targets(out, loss_fn, generator) if sample_targets else y)
     scale = boundary_for(loss_fn)(out, targets).scale
     batch = x.shape[0]
     # A sample may own several output rows (a sequence model whose output is
@@ -129,6 +82,37 @@ def per_sample_squared(model: nn.Module, loss_fn, x: Tensor, y: Tensor, params: 
         for k in acc:
             acc[k] += (gs[k] * gs[k]).sum(0)
     return {k: v * scale for k, v in acc.items()}
+
+
+def per_sample_squared(model: nn.Module, loss_fn, x: Tensor, y: Tensor, params: Dict[str, Tensor],
+                       sample_targets: bool, generator: Optional[torch.Generator], chunk: int = 64,
+                       samples: int = 1) -> Dict[str, Tensor]:
+    """``c * sum_n g_n^2`` over the batch (empirical Fisher, or MC-GGN with sampled targets).
+
+    The layer-wise path (per_sample.py) handles every parameter whose uses it
+    knows (Linear and matmul, convolution, embedding, LayerNorm, GroupNorm,
+    BatchNorm in eval mode, elementwise scales and biases); the rest, and
+    models whose samples cannot be told apart in the graph, take per-sample
+    gradients of the whole model (torch.func, ``chunk`` samples at a time)
+    with the same targets. With ``samples`` > 1 (ggn-mc) the result is the
+    mean over that many target draws.
+    """
+    done, drawn = _rows_fast_path(model, loss_fn, x, y, params, sample_targets, generator, samples)
+    done = done or {}
+    rest = {k: v for k, v in params.items() if k not in done}
+    if not rest:
+        return {k: done[k] for k in params}
+    if drawn is None:  # the layer-wise path was switched off
+        with torch.no_grad():
+            out = model(x)
+        drawn = [sampled_targets(out, loss_fn, generator) if sample_targets else y for _ in range(samples)]
+    part: Dict[str, Tensor] = {}
+    for t in drawn:
+        more = _vmap_squared(model, loss_fn, x, t, rest, chunk)
+        part = more if not part else {k: part[k] + more[k] for k in part}
+    if len(drawn) > 1:
+        part = {k: v / len(drawn) for k, v in part.items()}
+    return {k: done[k] if k in done else part[k] for k in params}
 
 
 def hutchinson(loss: Tensor, params: Dict[str, Tensor], samples: int, generator: Optional[torch.Generator]

@@ -1,0 +1,296 @@
+"""fisher / ggn-mc by per-layer per-sample gradients (curvature/per_sample.py)
+against an explicit loop over samples with autograd.grad, in float64."""
+
+import pytest
+import torch
+import torch.nn as nn
+
+from obd_ext.curvature import estimators, hessian_diag
+from obd_ext.curvature.losses import sampled_targets
+from obd_ext.curvature.per_sample import layerwise_squared
+from obd_ext.models import GPT, LeNet5, SmallResNet, mlp
+
+
+@pytest.fixture(autouse=True)
+def float64_by_default():
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
+
+
+def close(a, b, tol=1e-10):
+    return float((a - b).abs().max()) <= tol * max(1.0, float(b.abs().max()))
+
+
+def _per_sample_loss(loss_fn):
+    return type(loss_fn)(reduction="sum")
+
+
+def _scale(loss_fn, out, t):
+    if loss_fn.reduction == "sum":
+        return 1.0
+    return 1.0 / (t.numel() if isinstance(loss_fn, nn.CrossEntropyLoss) else out.numel())
+
+
+def loop_reference(model, loss_fn, x, t):
+    """c * sum_n (d l_n / d theta)^2, one sample at a time (the definition)."""
+    params = {k: p for k, p in model.named_parameters() if p.requires_grad}
+    acc = {k: torch.zeros_like(p) for k, p in params.items()}
+    batch = x.shape[0]
+    rows = t.shape[0] // batch
+    summed = _per_sample_loss(loss_fn)
+    for b in range(batch):
+        loss = summed(model(x[b:b + 1]), t[b * rows:(b + 1) * rows])
+        grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
+        for k, g in zip(params, grads):
+            if g is not None:
+                acc[k] += g * g
+    with torch.no_grad():
+        c = _scale(loss_fn, model(x), t)
+    return {k: v * c for k, v in acc.items()}
+
+
+def targets_for(method, model, loss_fn, x, y, seed):
+    """The targets hessian_diag uses: y, or the first draw of the seeded generator."""
+    if method == "fisher":
+        return y
+    with torch.no_grad():
+        return sampled_targets(model(x), loss_fn, torch.Generator().manual_seed(seed))
+
+
+def handled(model, loss_fn, x, y, budget=None):
+    params = {k: p for k, p in model.named_parameters() if p.requires_grad}
+    kw = {} if budget is None else {"budget": budget}
+    res, _ = layerwise_squared(model, loss_fn, x, y, params, False, None, **kw)
+    return set(res or {}), set(params)
+
+
+# ---------------------------------------------------------------------------
+# The four reference families
+# ---------------------------------------------------------------------------
+
+
+def _mlp():
+    torch.manual_seed(0)
+    return mlp((6, 7, 5, 3), act=nn.Tanh), torch.randn(7, 6), torch.randint(0, 3, (7,))
+
+
+def _lenet():
+    torch.manual_seed(1)
+    return LeNet5(), torch.randn(5, 1, 28, 28), torch.randint(0, 10, (5,))
+
+
+def _resnet():
+    torch.manual_seed(2)
+    model = SmallResNet(widths=(4, 6), blocks=(1, 1)).eval()
+    with torch.no_grad():  # non-trivial running statistics
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.5, 0.5)
+    return model, torch.randn(4, 3, 8, 8), torch.randint(0, 10, (4,))
+
+
+def _gpt():
+    torch.manual_seed(3)
+    return GPT(vocab=13, d=8, layers=2, heads=2, seq=6), torch.randint(0, 13, (3, 6)), torch.randint(0, 13, (18,))
+
+
+FAMILIES = {"mlp": _mlp, "lenet": _lenet, "resnet": _resnet, "gpt": _gpt}
+
+
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+@pytest.mark.parametrize("method", ["fisher", "ggn-mc"])
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_equals_a_loop_over_samples(family, method, reduction):
+    model, x, y = FAMILIES[family]()
+    loss_fn = nn.CrossEntropyLoss(reduction=reduction)
+    done, wanted = handled(model, loss_fn, x, y)
+    assert done == wanted  # every parameter by the layer-wise path, none by torch.func
+    res = hessian_diag(model, loss_fn, (x, y), method=method, seed=7, progress=False)
+    ref = loop_reference(model, loss_fn, x, targets_for(method, model, loss_fn, x, y, 7))
+    assert set(res) == set(ref)
+    for k in ref:
+        assert close(res[k], ref[k]), (family, method, k)
+
+
+@pytest.mark.parametrize("family", ["lenet", "gpt"])
+def test_equals_the_torch_func_path_over_batches_and_draws(family, monkeypatch):
+    """Two batches, both reductions of hessian_diag, ggn-mc with 3 draws: the same
+    numbers (and so the same sampled targets) as per-sample gradients of the whole model."""
+    model, x, y = FAMILIES[family]()
+    batches = [(x, y), (x.flip(0), y.reshape(x.shape[0], -1).flip(0).reshape(-1))]
+    loss_fn = nn.CrossEntropyLoss()
+    runs = [("fisher", 1, "mean"), ("ggn-mc", 3, "sum")]
+    ours = [hessian_diag(model, loss_fn, batches, method=m, samples=s, reduction=r, seed=11, progress=False)
+            for m, s, r in runs]
+    monkeypatch.setattr(estimators, "_rows_fast_path", lambda *a: (None, None))
+    for res, (m, s, r) in zip(ours, runs):
+        ref = hessian_diag(model, loss_fn, batches, method=m, samples=s, reduction=r, seed=11, progress=False)
+        for k in ref:
+            assert close(res[k], ref[k]), (m, k)
+
+
+@pytest.mark.parametrize("loss", ["mse-sum", "mse-mean", "bce"])
+def test_other_losses(loss):
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Conv1d(2, 3, 3, padding=1), nn.Tanh(), nn.Flatten(), nn.Linear(15, 4))
+    x = torch.randn(6, 2, 5)
+    y = (torch.rand(6, 4) > 0.5).double() if loss == "bce" else torch.randn(6, 4)
+    loss_fn = {"mse-sum": nn.MSELoss(reduction="sum"), "mse-mean": nn.MSELoss(),
+               "bce": nn.BCEWithLogitsLoss()}[loss]
+    assert handled(model, loss_fn, x, y)[0] == {k for k, _ in model.named_parameters()}
+    for method in ("fisher", "ggn-mc"):
+        res = hessian_diag(model, loss_fn, (x, y), method=method, seed=1, progress=False)
+        ref = loop_reference(model, loss_fn, x, targets_for(method, model, loss_fn, x, y, 1))
+        assert all(close(res[k], ref[k]) for k in ref), (loss, method)
+
+
+# ---------------------------------------------------------------------------
+# Other layers and uses
+# ---------------------------------------------------------------------------
+
+
+class Zoo(nn.Module):
+    """Grouped / dilated / strided convolutions, GroupNorm, BatchNorm (eval), an
+    RMSNorm-style scale, a free bias, x @ W without a transpose, a Linear on rows
+    of a sequence, a position table broadcast through unsqueeze + expand, and an
+    embedding with padding_idx."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(9, 6, padding_idx=0)
+        self.pos = nn.Parameter(torch.randn(5, 6))
+        self.conv = nn.Conv1d(6, 4, 3, padding=2, dilation=2, groups=2)
+        self.gn = nn.GroupNorm(2, 4)
+        self.conv2 = nn.Conv2d(1, 2, 3, stride=2)
+        self.bn = nn.BatchNorm1d(4)
+        self.scale = nn.Parameter(torch.rand(4) + 0.5)
+        self.free_bias = nn.Parameter(torch.randn(4))
+        self.w = nn.Parameter(torch.randn(4, 3) * 0.5)
+        self.seq = nn.Linear(4, 4)
+
+    def forward(self, idx):
+        b, t = idx.shape
+        h = self.emb(idx) + self.pos.unsqueeze(0).expand(b, t, 6)       # (b, t, 6)
+        c = self.gn(self.conv(h.transpose(1, 2)))                        # (b, 4, t)
+        c = torch.tanh(self.bn(c)).transpose(1, 2)                       # (b, t, 4)
+        ms = c.pow(2).mean(-1, keepdim=True)
+        c = c * torch.rsqrt(ms + 1e-6) * self.scale + self.free_bias     # RMSNorm-like
+        c = torch.tanh(self.seq(c))                                      # rows of a sequence
+        img = self.conv2(c.unsqueeze(1)).flatten(1).sum(-1)[:, None, None]
+        return (c @ self.w + img).reshape(b * t, 3)
+
+
+def test_more_layers_and_uses():
+    torch.manual_seed(5)
+    model = Zoo().eval()
+    with torch.no_grad():
+        model.bn.running_mean.uniform_(-0.3, 0.3)
+        model.bn.running_var.uniform_(0.5, 2.0)
+    idx = torch.randint(0, 9, (4, 5))
+    idx[0, 1] = 0  # a padding entry
+    y = torch.randint(0, 3, (20,))
+    loss_fn = nn.CrossEntropyLoss()
+    done, wanted = handled(model, loss_fn, idx, y)
+    assert done == wanted
+    for method in ("fisher", "ggn-mc"):
+        res = hessian_diag(model, loss_fn, (idx, y), method=method, seed=2, progress=False)
+        ref = loop_reference(model, loss_fn, idx, targets_for(method, model, loss_fn, idx, y, 2))
+        for k in ref:
+            assert close(res[k], ref[k]), (method, k)
+
+
+def test_untied_gpt_head_batch_of_one_and_tiny_chunks():
+    torch.manual_seed(6)
+    model = GPT(vocab=11, d=8, layers=1, heads=2, seq=5, tied=False)
+    x, y = torch.randint(0, 11, (3, 5)), torch.randint(0, 11, (15,))
+    loss_fn = nn.CrossEntropyLoss()
+    ref = loop_reference(model, loss_fn, x, y)
+    params = dict(model.named_parameters())
+    for budget in (1, 1 << 30):  # one sample at a time, or all at once
+        res, _ = layerwise_squared(model, loss_fn, x, y, params, False, None, budget=budget)
+        assert set(res) == set(params)
+        assert all(close(res[k], ref[k]) for k in ref)
+    one = hessian_diag(model, loss_fn, (x[:1], y[:5]), method="fisher", progress=False)
+    ref1 = loop_reference(model, loss_fn, x[:1], y[:5])
+    assert all(close(one[k], ref1[k]) for k in ref1)
+
+
+def test_selected_and_unused_parameters():
+    class WithUnused(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = mlp((5, 4, 3), act=nn.Tanh)
+            self.unused = nn.Linear(2, 2)
+
+        def forward(self, x):
+            return self.body(x)
+
+    torch.manual_seed(7)
+    model = WithUnused()
+    x, y = torch.randn(6, 5), torch.randint(0, 3, (6,))
+    res = hessian_diag(model, nn.CrossEntropyLoss(), (x, y), method="fisher", params=["body.2.weight", "unused.bias"],
+                       progress=False)
+    ref = loop_reference(model, nn.CrossEntropyLoss(), x, y)
+    assert set(res) == {"body.2.weight", "unused.bias"}
+    assert close(res["body.2.weight"], ref["body.2.weight"]) and float(res["unused.bias"].abs().max()) == 0.0
+
+
+# ---------------------------------------------------------------------------
+# What the layer-wise path leaves to per-sample gradients of the whole model
+# ---------------------------------------------------------------------------
+
+
+class TokensFirst(nn.Module):
+    """Runs its Linear on (token, batch) rows: the rows of a sample are not
+    contiguous, which the probe must notice."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.out = nn.Linear(4, 3)
+
+    def forward(self, x):  # x: (b, t, 4)
+        h = torch.tanh(self.lin(x.transpose(0, 1).contiguous()))  # (t, b, 4) rows
+        return self.out(h.transpose(0, 1).contiguous()).reshape(-1, 3)
+
+
+class Deconv(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.up = nn.ConvTranspose2d(2, 2, 2, stride=2)
+        self.head = nn.Linear(32, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.up(x)).flatten(1))
+
+
+def test_fallbacks_stay_exact():
+    torch.manual_seed(8)
+    loss_fn = nn.CrossEntropyLoss()
+    # Rows in (token, batch) order: the probe rejects the first Linear; the second is fine.
+    model, x, y = TokensFirst(), torch.randn(3, 5, 4), torch.randint(0, 3, (15,))
+    done, wanted = handled(model, loss_fn, x, y)
+    assert done == wanted - {"lin.weight", "lin.bias"}
+    res = hessian_diag(model, loss_fn, (x, y), method="fisher", progress=False)
+    ref = loop_reference(model, loss_fn, x, y)
+    assert all(close(res[k], ref[k]) for k in ref)
+    # A transposed convolution has no layer-wise rule here: torch.func for its parameters only.
+    model, x, y = Deconv(), torch.randn(4, 2, 2, 2), torch.randint(0, 3, (4,))
+    done, wanted = handled(model, loss_fn, x, y)
+    assert done == {"head.weight", "head.bias"}
+    res = hessian_diag(model, loss_fn, (x, y), method="ggn-mc", seed=3, progress=False)
+    ref = loop_reference(model, loss_fn, x, targets_for("ggn-mc", model, loss_fn, x, y, 3))
+    assert all(close(res[k], ref[k]) for k in ref)
+
+
+def test_batch_norm_in_training_mode_is_left_to_per_sample_gradients(monkeypatch):
+    torch.manual_seed(9)
+    model = nn.Sequential(nn.Linear(4, 5), nn.BatchNorm1d(5), nn.Tanh(), nn.Linear(5, 3))
+    x, y = torch.randn(6, 4), torch.randint(0, 3, (6,))
+    res, _ = layerwise_squared(model, nn.CrossEntropyLoss(), x, y, dict(model.named_parameters()), False, None)
+    assert res is None  # the samples of a batch interact: no per-sample split of G
