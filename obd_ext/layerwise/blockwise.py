@@ -192,11 +192,29 @@ def prune_by_saliency_(layers: Dict[str, nn.Module], curvatures: Optional[Dict[s
             for n, w, s in zip(names, weights, sels)]
 
 
+@torch.no_grad()
+def _prune_block(block: nn.Module, inputs, sparsity: float, pattern: str, scope: str, criterion: str,
+                 skip: Iterable[str], process_group) -> Tuple[List[LayerReport], int]:
+    """Statistics over the calibration inputs, then pruning, of one block; returns reports and rows seen."""
+    layers = prunable_layers(block, skip)
+    if criterion == "magnitude":
+        return prune_by_saliency_(layers, None, sparsity, pattern, scope), 0
+    with CalibrationStats(layers) as stats:
+        for args, kwargs in inputs:
+            block(*args, **kwargs)
+    if process_group is not None:  # data-parallel calibration: every rank sees the sums of all ranks
+        from ..distributed import all_reduce_tensors
+
+        all_reduce_tensors(stats.tensors(), op="sum", group=None if process_group is True else process_group)
+    curvatures = {n: stats.curvature(n).contiguous() for n in layers}
+    return prune_by_saliency_(layers, curvatures, sparsity, pattern, scope), max(stats.rows.values(), default=0)
+
+
 def prune_layerwise(model: nn.Module, calibration: Iterable[Any], *, sparsity: float = 0.5,
                     pattern: str = "unstructured", scope: str = "row", criterion: str = "obd",
                     run: Optional[Callable[[nn.Module, Any], Any]] = None, blocks: Optional[Sequence[nn.Module]] = None,
                     device: Optional[torch.device | str] = None, skip: Iterable[str] = (),
-                    progress: bool = True) -> LayerwiseResult:
+                    process_group: Any = None, progress: bool = True) -> LayerwiseResult:
     """Prune ``model`` in place by layer-wise OBD, block by block.
 
     Args:
@@ -214,6 +232,10 @@ def prune_layerwise(model: nn.Module, calibration: Iterable[Any], *, sparsity: f
         blocks: the blocks, in order (default: :func:`find_blocks`).
         device: process each block there (the model stays where it is).
         skip: layer names within a block to leave dense (e.g. ``["attn.c_proj"]``).
+        process_group: with torch.distributed, each rank passes its own share
+            of the calibration data and the statistics are all-reduced (summed)
+            before every block is pruned, so all ranks prune identically;
+            ``True`` for the default group.
         progress: a tqdm bar over blocks.
     """
     check_sparsity(sparsity)
@@ -226,29 +248,27 @@ def prune_layerwise(model: nn.Module, calibration: Iterable[Any], *, sparsity: f
     run = run or (lambda m, b: m(b))
     blocks = list(blocks) if blocks is not None else list(find_blocks(model)[1])
     device = torch.device(device) if device is not None else None
-    inputs = [_move(c, device) for c in capture_block_inputs(model, blocks[0], calibration, run)]
     result = LayerwiseResult(pattern, scope, criterion, sparsity)
-    from tqdm.auto import tqdm
+    was_training = model.training
+    model.eval()  # calibration sees the model as it will run: no dropout
+    try:
+        inputs = [_move(c, device) for c in capture_block_inputs(model, blocks[0], calibration, run)]
+        from tqdm.auto import tqdm
 
-    for bi, block in enumerate(tqdm(blocks, desc="layer-wise OBD", unit="block", disable=not progress)):
-        home = next(block.parameters()).device
-        if device is not None:
-            block.to(device)
-        layers = prunable_layers(block, skip)
-        stats = CalibrationStats(layers) if criterion == "obd" else None
-        with torch.no_grad():
-            if stats is not None:
-                with stats:
-                    for args, kwargs in inputs:
-                        block(*args, **kwargs)
-                result.calibration_rows = max(result.calibration_rows, max(stats.rows.values(), default=0))
-            curvatures = {n: stats.curvature(n).contiguous() for n in layers} if stats is not None else None
-            reports = prune_by_saliency_(layers, curvatures, sparsity, pattern, scope)
+        for bi, block in enumerate(tqdm(blocks, desc="layer-wise OBD", unit="block", disable=not progress)):
+            home = next(block.parameters()).device
+            if device is not None:
+                block.to(device)
+            reports, rows = _prune_block(block, inputs, sparsity, pattern, scope, criterion, skip, process_group)
+            result.calibration_rows = max(result.calibration_rows, rows)
             result.layers += [LayerReport(f"{bi}.{r.name}", r.shape, r.deleted, r.total, r.predicted_increase)
                               for r in reports]
             if bi + 1 < len(blocks):  # the pruned block's outputs feed the next block
-                inputs = [_with_hidden(args, kwargs, _output(block(*args, **kwargs))) for args, kwargs in inputs]
-        if device is not None:
-            block.to(home)
+                with torch.no_grad():
+                    inputs = [_with_hidden(a, kw, _output(block(*a, **kw))) for a, kw in inputs]
+            if device is not None:
+                block.to(home)
+    finally:
+        model.train(was_training)
     result.seconds = time.time() - t0
     return result
