@@ -12,6 +12,7 @@ from . import ops, reference
 from .curvature import METHODS, Curvature, CurvatureAccumulator, UnsupportedOpError, hessian_diag
 from .pruning import OBDUnstructured, Pruner, default_prunable
 from .sparse_export import Finalized, check_nm_pattern
+from . import distributed, layerwise
 from .scheduler import OBDScheduler, cubic, fixed, one_shot
 from .ops import group_saliency, saliency
 from .selection import (
@@ -58,6 +59,8 @@ __all__ = [
     "default_prunable",
     "OBDUnstructured",
     "Finalized",
+    "distributed",
+    "layerwise",
     "check_nm_pattern",
     "OBDScheduler",
     "one_shot",
