@@ -66,6 +66,17 @@ TORCH_LIBRARY(obd_ext, m) {
   // benchmark that chose BLAS, and as a second implementation in the tests).
   m.def("_squared_mm_direct(Tensor a, Tensor b, bool square_a, bool square_b) -> Tensor");
 
+  // Curvature sweep, the squared-operand products of the convolution rule
+  // (eq. 5-6 with weight sharing): with out_mask = (input, weight, bias),
+  //   H_x = conv_transpose(H, W*W),  h_W = weight-grad conv of (X*X, H),  h_b = sum of H,
+  // i.e. aten::convolution_backward with `h` as the output gradient and the
+  // squared operands. Device-generic (CompositeExplicitAutograd): cuDNN /
+  // oneDNN on squared copies, for the same reason squared_mm uses BLAS.
+  m.def(
+      "squared_conv(Tensor h, Tensor input, Tensor weight, SymInt[]? bias_sizes, SymInt[] stride, "
+      "SymInt[] padding, SymInt[] dilation, bool transposed, SymInt[] output_padding, SymInt groups, "
+      "bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+
   // Layer-wise OBD calibration statistics (EQUATIONS.md, "Layer-wise form"):
   // acc[j] += sum over rows r of x[r, j]^2, x seen as rows x acc.numel()
   // (its last dimension). x may be float32/float64/float16/bfloat16 and is

@@ -17,7 +17,7 @@ from . import _C  # noqa: F401  (loads the kernels)
 from .reference import NUM_STATS, saliency_dtype
 
 __all__ = ["saliency", "group_saliency", "global_select_", "row_select_", "nm_select_", "activation_hessian",
-           "cross_entropy_boundary", "squared_mm", "column_sq_sum_"]
+           "cross_entropy_boundary", "squared_mm", "squared_conv", "column_sq_sum_"]
 
 _ops = torch.ops.obd_ext
 
@@ -72,6 +72,13 @@ def cross_entropy_boundary(logits: Tensor, target: Tensor, ignore_index: int, sc
 def squared_mm(a: Tensor, b: Tensor, square_a: bool, square_b: bool) -> Tensor:
     """``(a*a if square_a else a) @ (b*b if square_b else b)``; see the schema in csrc/ops.cpp."""
     return _ops.squared_mm.default(a, b, square_a, square_b)
+
+
+def squared_conv(h: Tensor, input: Tensor, weight: Tensor, bias_sizes, stride, padding, dilation, transposed: bool,
+                 output_padding, groups: int, output_mask) -> tuple:
+    """(H_x, h_W, h_b) of the convolution rule; see the schema in csrc/ops.cpp."""
+    return _ops.squared_conv.default(h, input, weight, bias_sizes, stride, padding, dilation, transposed,
+                                     output_padding, groups, output_mask)
 
 
 def column_sq_sum_(acc: Tensor, x: Tensor) -> Tensor:
@@ -148,6 +155,15 @@ def _squared_mm_fake(a, b, square_a, square_b):
     _check_one_device("squared_mm", a, b)
     torch._check(a.shape[-1] == b.shape[-2], lambda: "obd_ext.squared_mm: shapes cannot be multiplied")
     return a.new_empty(a.shape[:-1] + b.shape[-1:])
+
+
+@torch.library.register_fake("obd_ext::squared_conv")
+def _squared_conv_fake(h, input, weight, bias_sizes, stride, padding, dilation, transposed, output_padding, groups,
+                       output_mask):
+    _check_one_device("squared_conv", h, input, weight)
+    return (torch.empty_like(input) if output_mask[0] else None,
+            torch.empty_like(weight) if output_mask[1] else None,
+            h.new_empty(bias_sizes) if output_mask[2] and bias_sizes is not None else None)
 
 
 @torch.library.register_fake("obd_ext::column_sq_sum_")

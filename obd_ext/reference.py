@@ -29,6 +29,7 @@ __all__ = [
     "cross_entropy_boundary",
     "squared_mm",
     "column_sq_sum",
+    "squared_conv",
 ]
 
 # Layout of the float64 statistics every selection op returns.
@@ -304,3 +305,31 @@ def column_sq_sum(x: Tensor, acc_dtype: torch.dtype = torch.float32) -> Tensor:
     """
     xs = x.reshape(-1, x.shape[-1]).double()
     return (xs * xs).sum(0).to(acc_dtype)
+
+
+def squared_conv(h: Tensor, input: Tensor, weight: Tensor, bias_sizes, stride, padding, dilation, transposed: bool,
+                 output_padding, groups: int, output_mask) -> tuple:
+    """The convolution rule's products from their definition, by autograd of ``sum(conv(., .) * h)``.
+
+    ``H_x = conv^T(h, W*W)`` is the input gradient of ``<conv(x, W*W), h>``,
+    ``h_W`` the weight gradient of ``<conv(X*X, W), h>``, ``h_b`` the sum of
+    ``h`` over every dimension but the channels.
+    """
+    def conv(x, w):
+        f = torch.nn.functional
+        if transposed:
+            fn = {3: f.conv_transpose1d, 4: f.conv_transpose2d, 5: f.conv_transpose3d}[x.dim()]
+            return fn(x, w, None, stride, padding, output_padding, groups, dilation)
+        fn = {3: f.conv1d, 4: f.conv2d, 5: f.conv3d}[x.dim()]
+        return fn(x, w, None, stride, padding, dilation, groups)
+
+    out = [None, None, None]
+    if output_mask[0]:
+        x = input.detach().clone().requires_grad_(True)
+        out[0] = torch.autograd.grad((conv(x, weight * weight) * h).sum(), x)[0]
+    if output_mask[1]:
+        w = weight.detach().clone().requires_grad_(True)
+        out[1] = torch.autograd.grad((conv(input * input, w) * h).sum(), w)[0]
+    if output_mask[2] and bias_sizes is not None:
+        out[2] = h.sum(dim=[d for d in range(h.dim()) if d != 1])
+    return tuple(out)
