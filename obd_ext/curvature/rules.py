@@ -221,8 +221,8 @@ def convolution(node, g: Grads, h: Grads, ctx: Ctx):
     transposed, out_pad, groups = node._saved_transposed, node._saved_output_padding, node._saved_groups
     bias_sizes = node._saved_bias_sym_sizes_opt
     mask = [n_in, n_w, n_b and bias_sizes is not None]
-    h_x, h_w, h_b = torch.ops.aten.convolution_backward(
-        h[0], x * x, w * w, bias_sizes, stride, padding, dilation, transposed, out_pad, groups, mask)
+    h_x, h_w, h_b = ops.squared_conv(h[0], x, w, bias_sizes, stride, padding, dilation, transposed, out_pad, groups,
+                                     mask)
     g_x = None
     if ctx.wants(0) and n_in and g[0] is not None:
         g_x = torch.ops.aten.convolution_backward(
