@@ -204,6 +204,44 @@ def test_more_layers_and_uses():
             assert close(res[k], ref[k]), (method, k)
 
 
+class Frames(nn.Module):
+    """Convolutions on frames folded into the batch (several rows per sample),
+    on a 16 x 16 map (weight-gradient convolution) and a 4 x 4 map (unfolded
+    input); the second convolution used twice (a Siamese pair), and a weight
+    reshaped before a matmul."""
+
+    def __init__(self):
+        super().__init__()
+        self.big = nn.Conv2d(2, 3, 3, padding=1)
+        self.small = nn.Conv2d(3, 4, 3, stride=4, padding=1)
+        self.v = nn.Parameter(torch.randn(12) * 0.3)
+
+    def forward(self, x):  # (b, frames, 2, 16, 16)
+        b, f = x.shape[:2]
+        h = torch.tanh(self.big(x.reshape((b * f,) + x.shape[2:])))
+        a = self.small(h)                      # (b f, 4, 4, 4)
+        s = torch.tanh(self.small(h.flip(-1)))  # the same weights again
+        z = (a * s).mean((-1, -2)).reshape(b, f * 4)[:, :4]
+        return z @ self.v.view(4, 3)
+
+
+def test_folded_rows_shared_convolutions_and_reshaped_weights():
+    torch.manual_seed(10)
+    model, loss_fn = Frames(), nn.CrossEntropyLoss(reduction="sum")
+    x, y = torch.randn(5, 2, 2, 16, 16), torch.randint(0, 3, (5,))
+    done, wanted = handled(model, loss_fn, x, y)
+    assert done == wanted
+    for method in ("fisher", "ggn-mc"):
+        res = hessian_diag(model, loss_fn, (x, y), method=method, seed=4, progress=False)
+        ref = loop_reference(model, loss_fn, x, targets_for(method, model, loss_fn, x, y, 4))
+        for k in ref:
+            assert close(res[k], ref[k]), (method, k)
+    params = dict(model.named_parameters())
+    tiny, _ = layerwise_squared(model, loss_fn, x, y, params, False, None, budget=1)
+    assert all(close(tiny[k], res_k) for k, res_k in hessian_diag(model, loss_fn, (x, y), method="fisher",
+                                                                     progress=False).items())
+
+
 def test_untied_gpt_head_batch_of_one_and_tiny_chunks():
     torch.manual_seed(6)
     model = GPT(vocab=11, d=8, layers=1, heads=2, seq=5, tied=False)

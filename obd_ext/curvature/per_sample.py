@@ -59,8 +59,10 @@ from .losses import boundary_for, sampled_targets
 
 __all__ = ["CHUNK_BYTES", "layerwise_squared"]
 
-# Per-sample gradients held at once, at most (one parameter's worth per sample).
-CHUNK_BYTES = 128 << 20
+# Bytes of per-sample gradients (and their workspace) held at once: at least one
+# sample's gradient of the parameter at hand, else small enough that squaring
+# them reads the last-level cache rather than memory.
+CHUNK_BYTES = 4 << 20
 
 # Nodes between a parameter and its use that only relabel its entries.
 _RESHAPES = {"ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0", "UnsqueezeBackward0",
@@ -394,6 +396,22 @@ def _slot_shape(u: _Use) -> Tuple[int, ...]:
     return _in_shape(u.chain[u.skip - 1], 0) if u.skip else _in_shape(u.node, u.slot)
 
 
+def _p_layout(u: _Use) -> bool:
+    """Whether the use's natural product is already in the parameter's layout."""
+    names = [type(n).__name__ for n in u.chain]
+    if u.kind == "mat2":
+        return names in ([], ["TBackward0"])
+    return not names
+
+
+# Below this many output positions per sample (an 8 x 8 map), a convolution's
+# per-sample weight gradients come from unfolded inputs and a batched GEMM
+# (20% faster than oneDNN's weight-gradient convolution on the ResNet's 4 x 4
+# maps); from there up the convolution is faster (3x on 32 x 32 maps, 2x on
+# LeNet's 10 x 10, where the unfolded input is large next to the gradient).
+_UNFOLD_BELOW = 64
+
+
 class _Layerwise:
     """Per-sample gradients of one parameter's uses, from the captured G."""
 
@@ -415,29 +433,30 @@ class _Layerwise:
     def x(self, u: _Use, key: str, s: int, e: int) -> Tensor:
         return _samples(u.saved[key], u.kx.get(key), s, e)
 
-    def contribution(self, u: _Use, s: int, e: int) -> Tensor:
-        """(c, *parameter shape): the per-sample gradients this use adds."""
+    def contribution(self, u: _Use, s: int, e: int, out: Optional[Tensor] = None) -> Tensor:
+        """(c, *parameter shape): the per-sample gradients this use adds; written
+        into ``out`` (the chunk's workspace) where the product can be, else new."""
         c = e - s
         g = self.g(u, s, e)
         kind = u.kind
+        direct = out is not None and _p_layout(u) and g.dtype == out.dtype
         if kind == "mat2":
             x = self.x(u, "x", s, e)
             x = x.reshape(c, -1, x.shape[-1])
             g = g.reshape(c, -1, g.shape[-1])
             alpha = u.saved["alpha"]
-            if len(u.chain) == 1 and type(u.chain[0]).__name__ == "TBackward0":
-                t = torch.bmm(g.transpose(1, 2), x)  # directly in the weight's (out, in) layout
-                return t * alpha if alpha != 1.0 else t
-            t = torch.bmm(x.transpose(1, 2), g)
-            t = t * alpha if alpha != 1.0 else t
-        elif kind == "addmm_bias":
-            t = g.reshape(c, -1, g.shape[-1]).sum(1) * u.saved["beta"]
-            t = t.reshape((c,) + _slot_shape(u))
-        elif kind == "conv_w":
-            t = self._conv_weight(u, g, s, e)
-        elif kind == "conv_b":
-            t = g.reshape(c, -1, u.shape[1], math.prod(u.shape[2:])).sum((1, 3))
-        elif kind == "embedding":
+            # x^T g is the slot's (in, out) layout; through W.t() (a Linear) g^T x is the weight's.
+            a, b = (g.transpose(1, 2), x) if direct and u.chain else (x.transpose(1, 2), g)
+            if direct and x.dtype == out.dtype:
+                t = torch.bmm(a, b, out=out)
+            else:
+                t = torch.bmm(a, b)
+            if alpha != 1.0:
+                t.mul_(alpha)
+            return t if direct else _to_param(u, t)
+        if kind == "conv_w":
+            return self._conv_weight(u, g, s, e, out if direct else None)
+        if kind == "embedding":
             rows = u.saved["rows"]
             d = g.shape[-1]
             idx = self.x(u, "x", s, e).reshape(c, -1)
@@ -445,9 +464,14 @@ class _Layerwise:
             if u.saved["padding_idx"] >= 0:
                 g = g * (idx != u.saved["padding_idx"]).unsqueeze(-1).to(g.dtype)
             keys = (idx + torch.arange(c, device=idx.device).unsqueeze(1) * rows).reshape(-1)
-            t = torch.zeros(c * rows, d, dtype=g.dtype, device=g.device)
-            t.index_add_(0, keys, g.reshape(-1, d))
-            t = t.reshape(c, rows, d)
+            t = out.zero_() if direct else torch.zeros((c, rows, d), dtype=g.dtype, device=g.device)
+            t.view(c * rows, d).index_add_(0, keys, g.reshape(-1, d))
+            return t if direct else _to_param(u, t)
+        if kind == "addmm_bias":
+            t = g.reshape(c, -1, g.shape[-1]).sum(1) * u.saved["beta"]
+            t = t.reshape((c,) + _slot_shape(u))
+        elif kind == "conv_b":
+            t = g.reshape(c, -1, u.shape[1], math.prod(u.shape[2:])).sum((1, 3))
         elif kind == "ln_w":
             n = u.saved["n"]
             xh = (self.x(u, "x", s, e) - self.x(u, "mean", s, e)) * self.x(u, "rstd", s, e)
@@ -483,24 +507,47 @@ class _Layerwise:
             raise AssertionError(kind)
         return _to_param(u, t)
 
-    def _conv_weight(self, u: _Use, g: Tensor, s: int, e: int) -> Tensor:
-        """Each sample's weight gradient in one grouped convolution: the chunk's
-        samples become groups (channels sample-major), their sub-batch rows the batch."""
+    def _conv_weight(self, u: _Use, g: Tensor, s: int, e: int, out: Optional[Tensor]) -> Tensor:
         c = e - s
-        x = self.x(u, "x", s, e)  # (c, n, C_in, ...) or (c, N, C_in, ...) for a lifted use
+        x = self.x(u, "x", s, e)  # (c, n, C_in, ...): n sub-batch rows per sample (or a lifted use's batch)
         x = x.reshape((c, -1) + tuple(x.shape[-(len(u.shape) - 1):]))
         g = g.reshape((c, -1) + u.shape[1:])
+        wshape = _slot_shape(u)
+        groups = u.saved["groups"]
+        nd = len(u.shape) - 2
+        if nd in (1, 2) and math.prod(u.shape[2:]) < _UNFOLD_BELOW:
+            return _conv_weight_unfold(u, x, g, wshape, groups, out)
+        # Each sample's weight gradient in one grouped convolution: the chunk's
+        # samples become groups (channels sample-major), their sub-batch rows the batch.
         n = x.shape[1]
         xs = x.transpose(0, 1).reshape((n, -1) + tuple(x.shape[3:]))
         gs = g.transpose(0, 1).reshape((n, -1) + tuple(g.shape[3:]))
-        wshape = _slot_shape(u)
-        groups = u.saved["groups"]
         w = xs.new_empty((c * wshape[0],) + wshape[1:])  # only its shape is read
-        out_pad = [0] * len(u.saved["stride"])
         gw = torch.ops.aten.convolution_backward(gs, xs, w, None, u.saved["stride"], u.saved["padding"],
-                                                 u.saved["dilation"], False, out_pad, c * groups,
+                                                 u.saved["dilation"], False, [0] * nd, c * groups,
                                                  [False, True, False])[1]
         return gw.reshape((c,) + wshape)
+
+
+def _conv_weight_unfold(u: _Use, x: Tensor, g: Tensor, wshape, groups: int, out: Optional[Tensor]) -> Tensor:
+    """Per-sample weight gradients of a 1-d / 2-d convolution as G_b X_b^T over the
+    unfolded input (im2col), per group, for every sample of the chunk at once."""
+    c, n = x.shape[0], x.shape[1]
+    stride, padding, dilation = u.saved["stride"], u.saved["padding"], u.saved["dilation"]
+    ksize = list(wshape[2:])
+    xs = x.reshape((c * n,) + tuple(x.shape[2:]))
+    if len(ksize) == 1:  # as a 2-d convolution of height 1
+        xs = xs.unsqueeze(2)
+        ksize, stride, padding, dilation = [1] + ksize, [1] + stride, [0] + padding, [1] + dilation
+    cols = F.unfold(xs, ksize, dilation=dilation, padding=padding, stride=stride)  # (c n, C_in kk, L)
+    length = cols.shape[-1]
+    per_in = cols.shape[1] // groups
+    cols = cols.view(c, n, groups, per_in, length).permute(0, 2, 1, 4, 3).reshape(c * groups, n * length, per_in)
+    per_out = wshape[0] // groups
+    gg = g.reshape(c, n, groups, per_out, length).permute(0, 2, 3, 1, 4).reshape(c * groups, per_out, n * length)
+    if out is not None and cols.dtype == out.dtype:
+        return torch.bmm(gg, cols, out=out.view(c * groups, per_out, per_in)).view((c,) + tuple(wshape))
+    return torch.bmm(gg, cols).view((c,) + tuple(wshape))
 
 
 def _workspace_per_sample(p: Tensor, uses: List[_Use]) -> int:
@@ -508,9 +555,13 @@ def _workspace_per_sample(p: Tensor, uses: List[_Use]) -> int:
     item = p.element_size()
     extra = 0
     for u in uses:
-        if u.kind == "embedding":
-            extra = max(extra, u.saved["rows"] * u.shape[-1] * item)
-    return p.numel() * item * 2 + extra
+        if u.kind == "conv_w" and len(u.shape) in (3, 4) and math.prod(u.shape[2:]) < _UNFOLD_BELOW:
+            xs = u.saved["x"]  # the unfolded input
+            per_x = xs.numel() // max(1, xs.shape[0]) * (u.kx.get("x") or xs.shape[0])
+            extra = max(extra, per_x * math.prod(_slot_shape(u)[2:]) * item)
+        elif u.kind not in ("mat2", "embedding"):  # a new tensor of per-sample gradients
+            extra = max(extra, p.numel() * item)
+    return p.numel() * item + extra
 
 
 def _single_squared(u: _Use, p: Tensor, lw: _Layerwise, budget: int) -> Optional[Tensor]:
@@ -555,7 +606,13 @@ def _acc_dtype(p: Tensor) -> torch.dtype:
 
 
 def _squared(p: Tensor, uses: List[_Use], lw: _Layerwise, budget: int) -> Tensor:
-    """sum over samples of (sum over uses of the per-sample gradient)^2."""
+    """sum over samples of (sum over uses of the per-sample gradient)^2.
+
+    A chunk of samples at a time in one reused workspace: a fresh chunk-sized
+    tensor per step costs its page faults, and a chunk that stays in the cache
+    is squared from the cache (for a 512 x 512 x 3 x 3 convolution, one sample
+    at a time is 2x faster than eight).
+    """
     if len(uses) == 1:
         h = _single_squared(uses[0], p, lw, budget)
         if h is not None:
@@ -564,14 +621,22 @@ def _squared(p: Tensor, uses: List[_Use], lw: _Layerwise, budget: int) -> Tensor
     if not uses:
         return acc.reshape(p.shape)
     step = max(1, min(lw.batch, budget // max(1, _workspace_per_sample(p, uses))))
+    dtype = lw.grads[uses[0].cap].dtype
+    ws = torch.empty((step,) + tuple(p.shape), dtype=dtype, device=p.device)
     for s in range(0, lw.batch, step):
         e = min(lw.batch, s + step)
         total = None
         for u in uses:
-            t = lw.contribution(u, s, e)
+            t = lw.contribution(u, s, e, ws[:e - s] if total is None else None)
             total = t if total is None else total + t
         flat = total.reshape(e - s, -1)
-        acc += torch.einsum("bi,bi->i", flat, flat).to(acc.dtype)
+        if flat.dtype != acc.dtype:
+            flat = flat.to(acc.dtype)
+        if e - s <= 4:
+            for row in flat:
+                acc.addcmul_(row, row)
+        else:
+            acc += torch.linalg.vecdot(flat, flat, dim=0)
     return acc.reshape(p.shape)
 
 
