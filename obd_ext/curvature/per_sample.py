@@ -404,14 +404,6 @@ def _p_layout(u: _Use) -> bool:
     return not names
 
 
-# Below this many output positions per sample (an 8 x 8 map), a convolution's
-# per-sample weight gradients come from unfolded inputs and a batched GEMM
-# (20% faster than oneDNN's weight-gradient convolution on the ResNet's 4 x 4
-# maps); from there up the convolution is faster (3x on 32 x 32 maps, 2x on
-# LeNet's 10 x 10, where the unfolded input is large next to the gradient).
-_UNFOLD_BELOW = 64
-
-
 class _Layerwise:
     """Per-sample gradients of one parameter's uses, from the captured G."""
 
@@ -455,7 +447,7 @@ class _Layerwise:
                 t.mul_(alpha)
             return t if direct else _to_param(u, t)
         if kind == "conv_w":
-            return self._conv_weight(u, g, s, e, out if direct else None)
+            return _to_param(u, self._conv_weight(u, g, s, e))
         if kind == "embedding":
             rows = u.saved["rows"]
             d = g.shape[-1]
@@ -507,7 +499,7 @@ class _Layerwise:
             raise AssertionError(kind)
         return _to_param(u, t)
 
-    def _conv_weight(self, u: _Use, g: Tensor, s: int, e: int, out: Optional[Tensor]) -> Tensor:
+    def _conv_weight(self, u: _Use, g: Tensor, s: int, e: int) -> Tensor:
         c = e - s
         x = self.x(u, "x", s, e)  # (c, n, C_in, ...): n sub-batch rows per sample (or a lifted use's batch)
         x = x.reshape((c, -1) + tuple(x.shape[-(len(u.shape) - 1):]))
@@ -515,10 +507,13 @@ class _Layerwise:
         wshape = _slot_shape(u)
         groups = u.saved["groups"]
         nd = len(u.shape) - 2
-        if nd in (1, 2) and math.prod(u.shape[2:]) < _UNFOLD_BELOW:
-            return _conv_weight_unfold(u, x, g, wshape, groups, out)
         # Each sample's weight gradient in one grouped convolution: the chunk's
-        # samples become groups (channels sample-major), their sub-batch rows the batch.
+        # samples become groups (channels sample-major), their sub-batch rows the
+        # batch. The 4 MiB chunks keep many groups to small weights, where oneDNN
+        # runs them as fast as one batched call; on large weights (512 x 512 x 3 x 3
+        # on 4 x 4 maps) grouped calls are 4-6x slower than one sample at a time,
+        # and so is a batched GEMM on unfolded inputs with its inner dimension of 16
+        # (measured with 2 threads; with 1 the unfolded GEMM is 20% faster there).
         n = x.shape[1]
         xs = x.transpose(0, 1).reshape((n, -1) + tuple(x.shape[3:]))
         gs = g.transpose(0, 1).reshape((n, -1) + tuple(g.shape[3:]))
@@ -529,37 +524,12 @@ class _Layerwise:
         return gw.reshape((c,) + wshape)
 
 
-def _conv_weight_unfold(u: _Use, x: Tensor, g: Tensor, wshape, groups: int, out: Optional[Tensor]) -> Tensor:
-    """Per-sample weight gradients of a 1-d / 2-d convolution as G_b X_b^T over the
-    unfolded input (im2col), per group, for every sample of the chunk at once."""
-    c, n = x.shape[0], x.shape[1]
-    stride, padding, dilation = u.saved["stride"], u.saved["padding"], u.saved["dilation"]
-    ksize = list(wshape[2:])
-    xs = x.reshape((c * n,) + tuple(x.shape[2:]))
-    if len(ksize) == 1:  # as a 2-d convolution of height 1
-        xs = xs.unsqueeze(2)
-        ksize, stride, padding, dilation = [1] + ksize, [1] + stride, [0] + padding, [1] + dilation
-    cols = F.unfold(xs, ksize, dilation=dilation, padding=padding, stride=stride)  # (c n, C_in kk, L)
-    length = cols.shape[-1]
-    per_in = cols.shape[1] // groups
-    cols = cols.view(c, n, groups, per_in, length).permute(0, 2, 1, 4, 3).reshape(c * groups, n * length, per_in)
-    per_out = wshape[0] // groups
-    gg = g.reshape(c, n, groups, per_out, length).permute(0, 2, 3, 1, 4).reshape(c * groups, per_out, n * length)
-    if out is not None and cols.dtype == out.dtype:
-        return torch.bmm(gg, cols, out=out.view(c * groups, per_out, per_in)).view((c,) + tuple(wshape))
-    return torch.bmm(gg, cols).view((c,) + tuple(wshape))
-
-
 def _workspace_per_sample(p: Tensor, uses: List[_Use]) -> int:
     """Bytes one sample needs: its gradient of p, plus what the uses form on the way."""
     item = p.element_size()
     extra = 0
     for u in uses:
-        if u.kind == "conv_w" and len(u.shape) in (3, 4) and math.prod(u.shape[2:]) < _UNFOLD_BELOW:
-            xs = u.saved["x"]  # the unfolded input
-            per_x = xs.numel() // max(1, xs.shape[0]) * (u.kx.get("x") or xs.shape[0])
-            extra = max(extra, per_x * math.prod(_slot_shape(u)[2:]) * item)
-        elif u.kind not in ("mat2", "embedding"):  # a new tensor of per-sample gradients
+        if u.kind not in ("mat2", "embedding"):  # a new tensor of per-sample gradients
             extra = max(extra, p.numel() * item)
     return p.numel() * item + extra
 
@@ -630,13 +600,11 @@ def _squared(p: Tensor, uses: List[_Use], lw: _Layerwise, budget: int) -> Tensor
             t = lw.contribution(u, s, e, ws[:e - s] if total is None else None)
             total = t if total is None else total + t
         flat = total.reshape(e - s, -1)
-        if flat.dtype != acc.dtype:
-            flat = flat.to(acc.dtype)
-        if e - s <= 4:
+        if e - s <= 4 and flat.dtype == acc.dtype:  # ATen's vectorised loop on a row or two
             for row in flat:
                 acc.addcmul_(row, row)
         else:
-            acc += torch.linalg.vecdot(flat, flat, dim=0)
+            ops.column_sq_sum_(acc, flat)  # one pass over all rows, no squared copy
     return acc.reshape(p.shape)
 
 
