@@ -176,11 +176,17 @@ def _mm_rule(a: Tensor, b: Tensor, g: Optional[Tensor], h: Tensor, need_a: bool,
              g_a_wanted: bool, g_b_wanted: bool, scale: float = 1.0):
     """y = scale * a @ b (batched allowed): H_a = s^2 H (b*b)^T, H_b = s^2 (a*a)^T H."""
     s2 = scale * scale
-    h_a = ops.squared_mm(h, b.transpose(-1, -2), False, True) * s2 if need_a else None
-    h_b = ops.squared_mm(a.transpose(-1, -2), h, True, False) * s2 if need_b else None
-    g_a = (g @ b.transpose(-1, -2)) * scale if need_a and g_a_wanted and g is not None else None
-    g_b = (a.transpose(-1, -2) @ g) * scale if need_b and g_b_wanted and g is not None else None
+    h_a = _scaled(ops.squared_mm(h, b.transpose(-1, -2), False, True), s2) if need_a else None
+    h_b = _scaled(ops.squared_mm(a.transpose(-1, -2), h, True, False), s2) if need_b else None
+    g_a = _scaled(g @ b.transpose(-1, -2), scale) if need_a and g_a_wanted and g is not None else None
+    g_b = _scaled(a.transpose(-1, -2) @ g, scale) if need_b and g_b_wanted and g is not None else None
     return g_a, g_b, h_a, h_b
+
+
+def _scaled(t: Tensor, c: float) -> Tensor:
+    """t * c, without a pass over t for the usual c = 1 (rules never write into what they
+    return or receive, so passing t on is safe)."""
+    return t if c == 1.0 else t * c
 
 
 def _needs(node) -> List[bool]:
@@ -208,7 +214,7 @@ def addmm(node, g: Grads, h: Grads, ctx: Ctx):
     a, b = node._saved_mat1, node._saved_mat2
     g_a, g_b, h_a, h_b = _mm_rule(a, b, g[0], h[0], na, nb, ctx.wants(1), ctx.wants(2), alpha)
     # The bias is broadcast over rows: the sweep sums its H over them.
-    h_bias = h[0] * (beta * beta) if nbias else None
+    h_bias = _scaled(h[0], beta * beta) if nbias else None
     g_bias = g[0] * beta if nbias and ctx.wants(0) and g[0] is not None else None
     return (g_bias, g_a, g_b), (h_bias, h_a, h_b)
 
@@ -238,8 +244,8 @@ def convolution(node, g: Grads, h: Grads, ctx: Ctx):
 def add(node, g: Grads, h: Grads, ctx: Ctx, sign: float = 1.0):
     """y = a + alpha * b (sign -1: a - alpha * b): H passes through, times alpha^2 for b."""
     alpha = float(getattr(node, "_saved_alpha", 1.0)) * sign
-    h_in = (h[0], h[0] * (alpha * alpha))
-    g_in = (g[0] if ctx.wants(0) else None, g[0] * alpha if ctx.wants(1) else None) if g[0] is not None \
+    h_in = (h[0], _scaled(h[0], alpha * alpha))
+    g_in = (g[0] if ctx.wants(0) else None, _scaled(g[0], alpha) if ctx.wants(1) else None) if g[0] is not None \
         else (None, None)
     return g_in, h_in
 
@@ -252,8 +258,8 @@ def mul(node, g: Grads, h: Grads, ctx: Ctx):
     """y = a * b: H_a = b^2 H, H_b = a^2 H (d2y/da2 = 0; the mixed term is off-diagonal)."""
     a, b = node._saved_self, node._saved_other
     na, nb = _needs(node)
-    h_a = h[0] * b * b if na else None
-    h_b = h[0] * a * a if nb else None
+    h_a = h[0] * (b * b) if na else None  # b * b first: one pass when b is broadcast (a scale)
+    h_b = h[0] * (a * a) if nb else None
     g_a = g[0] * b if na and ctx.wants(0) and g[0] is not None else None
     g_b = g[0] * a if nb and ctx.wants(1) and g[0] is not None else None
     return (g_a, g_b), (h_a, h_b)
@@ -312,14 +318,18 @@ def mean_all(node, g: Grads, h: Grads, ctx: Ctx):
 def softmax(node, g: Grads, h: Grads, ctx: Ctx):
     """Per row: H_x = y^2 ((1 - 2y) H + sum_j y_j^2 H_j) [+ y (2y - 1)(sum_j g_j y_j - g)]."""
     y, dim = node._saved_result, _signed(node._saved_dim)
-    hh = h[0]
-    s = (y * y * hh).sum(dim, keepdim=True)
-    h_in = y * y * ((1 - 2 * y) * hh + s)
+    # Fused multiply-adds on few temporaries: 12 passes over the scores instead
+    # of 20 (the rule was 7% of the GPT's OBD sweep at 8k).
+    y2 = y * y
+    a = y2 * h[0]  # y^2 H
+    s = a.sum(dim, keepdim=True)
+    h_in = torch.addcmul(a, y, a, value=-2.0)  # y^2 (1 - 2y) H
+    h_in.addcmul_(y2, s)
     g_in = None
     if g[0] is not None and not ctx.lm:
-        t = (g[0] * y).sum(dim, keepdim=True)
-        h_in = h_in + y * (2 * y - 1) * (t - g[0])
-        g_in = y * (g[0] - t) if ctx.wants(0) else None
+        d = (g[0] * y).sum(dim, keepdim=True) - g[0]  # sum_j g_j y_j - g
+        h_in.addcmul_(y2, d, value=2.0).addcmul_(y, d, value=-1.0)  # + y (2y - 1) d
+        g_in = torch.mul(y, d).neg_() if ctx.wants(0) else None  # y (g - t)
     return (g_in,), (h_in,)
 
 
@@ -338,23 +348,35 @@ def layer_norm(node, g: Grads, h: Grads, ctx: Ctx):
     gamma = weight if weight is not None else torch.ones(nshape, dtype=x.dtype, device=x.device)
     n_x, n_w, n_b = _needs(node)
     hh = h[0]
-    A = gamma * gamma * hh
-    S0 = A.sum(dims, keepdim=True)
-    S1 = (A * xh).sum(dims, keepdim=True)
-    S2 = (A * xh * xh).sum(dims, keepdim=True)
-    r2 = rstd * rstd
-    h_x = r2 * ((S0 + 2 * xh * S1 + xh * xh * S2) / (n * n) + A * (1 - 2 * (1 + xh * xh) / n))
-    g_x = None
-    if g[0] is not None and not ctx.lm:
-        a = g[0] * gamma
-        Asum = a.sum(dims, keepdim=True)
-        B = (a * xh).sum(dims, keepdim=True)
-        h_x = h_x - (r2 / n) * (2 * xh * (a - Asum / n) + B * (1 - 1.0 / n - 3 * xh * xh / n))
-        g_x = rstd * (a - Asum / n - xh * B / n) if ctx.wants(0) else None
+    xh2 = xh * xh
+    h_x = g_x = None
+    if n_x:
+        # h_x = r2 ((S0 + 2 xh S1 + xh^2 S2) / n^2 + A (1 - 2 (1 + xh^2) / n)) with per-row
+        # sums S0, S1, S2 of A, A xh, A xh^2, written as fused multiply-adds with per-row
+        # factors (about half the passes over the activations of the plain expression).
+        A = (gamma * gamma) * hh
+        Ax = A * xh
+        S0 = A.sum(dims, keepdim=True)
+        S1 = Ax.sum(dims, keepdim=True)
+        S2 = (Ax * xh).sum(dims, keepdim=True)
+        r2 = rstd * rstd
+        h_x = torch.add(S0 / (n * n), A, alpha=1 - 2.0 / n)
+        h_x.addcmul_(xh, S1, value=2.0 / (n * n)).addcmul_(xh2, S2 / (n * n)).addcmul_(xh2, A, value=-2.0 / n)
+        h_x.mul_(r2)
+        if g[0] is not None and not ctx.lm:
+            # the f'' term: - (r2 / n) (2 xh (a - Asum / n) + B (1 - 1 / n - 3 xh^2 / n)), a = g gamma
+            a = g[0] * gamma
+            axh = a * xh
+            Asum = a.sum(dims, keepdim=True)
+            B = axh.sum(dims, keepdim=True)
+            h_x.addcmul_(axh, r2, value=-2.0 / n).addcmul_(xh, r2 * Asum, value=2.0 / (n * n))
+            h_x.add_(r2 * B, alpha=-(1 - 1.0 / n) / n).addcmul_(xh2, r2 * B, value=3.0 / (n * n))
+            if ctx.wants(0):  # rstd (a - Asum / n - xh B / n)
+                g_x = torch.addcmul(rstd * Asum / -n, a, rstd).addcmul_(xh, rstd * B, value=-1.0 / n)
     batch_dims = tuple(range(x.dim() - k))
-    h_w = (xh * xh * hh).sum(batch_dims) if n_w and weight is not None else None
+    h_w = (xh2 * hh).sum(batch_dims) if n_w and weight is not None else None
     h_b = hh.sum(batch_dims) if n_b and bias is not None else None
-    return (g_x if n_x else None, None, None), (h_x if n_x else None, h_w, h_b)
+    return (g_x, None, None), (h_x, h_w, h_b)
 
 
 def batch_norm(node, g: Grads, h: Grads, ctx: Ctx):
