@@ -206,9 +206,8 @@ def test_more_layers_and_uses():
 
 class Frames(nn.Module):
     """Convolutions on frames folded into the batch (several rows per sample),
-    on a 16 x 16 map (weight-gradient convolution) and a 4 x 4 map (unfolded
-    input); the second convolution used twice (a Siamese pair), and a weight
-    reshaped before a matmul."""
+    the second one used twice (a Siamese pair), and a weight reshaped before a
+    matmul."""
 
     def __init__(self):
         super().__init__()
