@@ -332,7 +332,8 @@ def check_claims(r: Dict[str, object]) -> Dict[str, object]:
     c1 = {"claim": f"OBD's training MSE at least {CLAIM_MARGIN_DB:g} dB below magnitude's at every level from "
                    f"{hi:.0%} to {lo:.0%} of the parameters remaining",
           "remaining": [rem[i] for i in idx], "margin_db": margin,
-          "min_margin_db": min(margin) if margin else float("nan"), "pass": bool(idx) and min(margin) >= CLAIM_MARGIN_DB}
+          "min_margin_db": min(margin) if margin else float("nan"),
+          "pass": bool(idx) and min(margin) >= CLAIM_MARGIN_DB}
     idx = [i for i, f in enumerate(frac) if f < 1 - _EPS]
     worst = [db["random"][i] - max(db["obd"][i], db["magnitude"][i]) for i in idx]
     c2 = {"claim": f"random deletion worst (above OBD and magnitude) at every level deleted, down to "
@@ -555,13 +556,13 @@ def _print_summary(r: Dict[str, object]) -> None:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     d, q = DEFAULTS, QUICK
-    p.add_argument("--out", default="obd_demo_out", help="directory for the figures and results.json")
-    p.add_argument("--seed", type=int, default=0, help="first seed; seed i sets the split, the initialisation "
-                   "and the random draws of run i (default 0)")
-    p.add_argument("--seeds", type=int, action=_Store,
-                   help=f"number of seeds, run --seed .. --seed + N - 1 and averaged (default {d['seeds']}, "
+    p.add_argument("--out", default="obd_demo_out", metavar="DIR", help="directory for the figures and results.json")
+    p.add_argument("--seed", type=int, default=0, metavar="S",
+                   help="first seed; each seed sets its run's split, initialisation and random draws (default 0)")
+    p.add_argument("--seeds", type=int, action=_Store, metavar="N",
+                   help=f"number of seeds, S .. S + N - 1 are run and averaged (default {d['seeds']}, "
                         f"--quick {q['seeds']})")
-    p.add_argument("--jobs", type=int, action=_Store,
+    p.add_argument("--jobs", type=int, action=_Store, metavar="J",
                    help="seeds run at once, one process each (default: the number of CPU cores, at most --seeds)")
     p.add_argument("--epochs", type=int, help=f"full-batch Adam steps before pruning (default {d['epochs']}, "
                                               f"--quick {q['epochs']})")
