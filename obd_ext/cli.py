@@ -20,7 +20,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = p.parse_args(argv)
     if args.command == "demo":
         demo.run_demo(args.out, seed=args.seed, epochs=args.epochs, retrain_steps=args.retrain_steps,
-                      random_draws=args.random_draws, levels=args.levels, progress=not args.no_progress)
+                      random_draws=args.random_draws, levels=args.levels, progress=not args.no_progress,
+                      lr=args.lr, seeds=args.seeds, quick=args.quick, min_remaining=args.min_remaining,
+                      obd_step=args.obd_step, criterion=args.criterion, schedule=args.schedule, jobs=args.jobs)
     elif args.command == "prune-llm":
         _prune_llm(args)
     return 0

@@ -362,27 +362,6 @@ def check_claims(r: Dict[str, object]) -> Dict[str, object]:
             "averaging": f"means over seeds {r['seeds']}: MSE in dB (mean of 10 log10 MSE), accuracy arithmetic"}
 
 
-# Options given on the command line, for run_demo: obd_ext/cli.py forwards only the demo's first options
-# (out, seed, epochs, retrain_steps, random_draws, levels, no_progress), so the others are recorded here
-# by their argparse actions as they are parsed.
-_FROM_CLI: Dict[str, object] = {}
-
-
-class _Store(argparse.Action):
-    def __call__(self, parser, namespace, values, option_string=None):
-        setattr(namespace, self.dest, values)
-        _FROM_CLI[self.dest] = values
-
-
-class _StoreTrue(argparse.Action):
-    def __init__(self, option_strings, dest, default=False, required=False, help=None):
-        super().__init__(option_strings, dest, nargs=0, const=True, default=default, required=required, help=help)
-
-    def __call__(self, parser, namespace, values, option_string=None):
-        setattr(namespace, self.dest, True)
-        _FROM_CLI[self.dest] = True
-
-
 def run_demo(out_dir: str, seed: int = 0, epochs: Optional[int] = None, retrain_steps: Optional[int] = None,
              random_draws: Optional[int] = None, levels: Optional[int] = None, progress: bool = True,
              lr: Optional[float] = None, *, seeds: Optional[int] = None, quick: Optional[bool] = None,
@@ -391,27 +370,21 @@ def run_demo(out_dir: str, seed: int = 0, epochs: Optional[int] = None, retrain_
              jobs: Optional[int] = None) -> Dict[str, object]:
     """Run the experiment for seeds ``seed .. seed + seeds - 1`` and write figures and results.json.
 
-    An argument left as None takes the command line's value if one was given, else the default of
-    :data:`QUICK` (``quick``) or :data:`DEFAULTS`. ``jobs`` seeds run at once in worker processes
+    An argument left as None takes the default of :data:`QUICK` (``quick``) or :data:`DEFAULTS`. ``jobs`` seeds run at once in worker processes
     (default: as many as there are CPU cores, at most one per seed).
     """
     t0 = time.time()
-    given = dict(_FROM_CLI)
-    _FROM_CLI.clear()
     explicit = {"seeds": seeds, "epochs": epochs, "lr": lr, "retrain_steps": retrain_steps,
                 "random_draws": random_draws, "levels": levels, "min_remaining": min_remaining,
                 "obd_step": obd_step, "criterion": criterion, "schedule": schedule}
-    quick = bool(given.get("quick", False) if quick is None else quick)
+    quick = bool(quick)
     cfg = dict(QUICK if quick else DEFAULTS)
     for k, v in explicit.items():
         if v is not None:
             cfg[k] = v
-        elif given.get(k) is not None:
-            cfg[k] = given[k]
     if cfg["criterion"] not in CRITERIA or cfg["schedule"] not in SCHEDULES:
         raise ValueError(f"criterion must be one of {CRITERIA} and schedule one of {SCHEDULES}, "
                          f"got {cfg['criterion']!r}, {cfg['schedule']!r}")
-    jobs = jobs if jobs is not None else given.get("jobs")
     n = int(cfg["seeds"])
     cores = os.cpu_count() or 1
     jobs = max(1, min(n, int(jobs) if jobs else cores))
@@ -559,14 +532,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="obd_demo_out", metavar="DIR", help="directory for the figures and results.json")
     p.add_argument("--seed", type=int, default=0, metavar="S",
                    help="first seed; each seed sets its run's split, initialisation and random draws (default 0)")
-    p.add_argument("--seeds", type=int, action=_Store, metavar="N",
+    p.add_argument("--seeds", type=int, metavar="N",
                    help=f"number of seeds, S .. S + N - 1 are run and averaged (default {d['seeds']}, "
                         f"--quick {q['seeds']})")
-    p.add_argument("--jobs", type=int, action=_Store, metavar="J",
+    p.add_argument("--jobs", type=int, metavar="J",
                    help="seeds run at once, one process each (default: the number of CPU cores, at most --seeds)")
     p.add_argument("--epochs", type=int, help=f"full-batch Adam steps before pruning (default {d['epochs']}, "
                                               f"--quick {q['epochs']})")
-    p.add_argument("--lr", type=float, action=_Store,
+    p.add_argument("--lr", type=float,
                    help=f"Adam learning rate of the training (default {d['lr']}; retraining uses half)")
     p.add_argument("--retrain-steps", type=int,
                    help=f"retraining steps after each deletion round of Fig. 2 (default {d['retrain_steps']}, "
@@ -577,18 +550,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--levels", type=int,
                    help=f"parameter counts on the figures' grid, evenly from all down to --min-remaining; also "
                         f"the rounds of Fig. 2 (default {d['levels']}: steps of 5%%, --quick {q['levels']})")
-    p.add_argument("--min-remaining", type=float, action=_Store,
+    p.add_argument("--min-remaining", type=float,
                    help=f"fraction of the parameters remaining where the grid stops (default {d['min_remaining']})")
-    p.add_argument("--obd-step", type=float, action=_Store,
+    p.add_argument("--obd-step", type=float,
                    help=f"fraction of the parameters OBD deletes per step in Fig. 1, the curvature recomputed "
                         f"before each (default {d['obd_step']}, --quick {q['obd_step']})")
-    p.add_argument("--criterion", choices=CRITERIA, action=_Store,
+    p.add_argument("--criterion", choices=CRITERIA,
                    help="saliency of the Fig. 2 rounds with retraining (OBDScheduler's method): obd (eq. 7), "
                         "lm (Levenberg-Marquardt), fisher (empirical Fisher), magnitude (default obd)")
-    p.add_argument("--schedule", choices=SCHEDULES, action=_Store,
+    p.add_argument("--schedule", choices=SCHEDULES,
                    help="Fig. 2 rounds: levels (one round per grid level) or cubic (obd_ext.scheduler.cubic to "
                         "the same final sparsity in the same number of rounds) (default levels)")
-    p.add_argument("--quick", action=_StoreTrue,
+    p.add_argument("--quick", action="store_true",
                    help="reduced run for CI (fewer seeds, epochs, levels and steps; about a quarter of the time); "
                         "options given explicitly still apply")
     p.add_argument("--no-progress", action="store_true", help="hide the per-seed progress lines")
