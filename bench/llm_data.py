@@ -38,7 +38,8 @@ from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
-import torch.nn.functional as F
+
+from obd_ext.layerwise.hf import perplexity  # noqa: F401  (the one implementation; re-exported)
 
 __all__ = [
     "EOS",
@@ -272,46 +273,6 @@ def token_blocks(tokenizer, files: Sequence[os.PathLike], seq_len: int,
         ids = ids[:max_tokens]
     n = len(ids) // seq_len
     return torch.tensor(ids[:n * seq_len], dtype=torch.long).view(n, seq_len)
-
-
-@torch.no_grad()
-def perplexity(model: torch.nn.Module, blocks: torch.Tensor, batch_size: int = 8) -> float:
-    """exp of the mean next-token NLL over every predicted token of ``blocks``.
-
-    Each block of ``T`` tokens predicts its last ``T - 1`` tokens from the ones
-    before (no context is carried between blocks). The model runs in eval mode
-    without gradients and its previous train/eval mode is restored.
-
-    Args:
-        model: A causal LM: ``model(input_ids)`` returns logits ``[B, T, V]`` or an
-            object with ``.logits`` (transformers).
-        blocks: ``LongTensor[n, T]``.
-        batch_size: Blocks per forward pass.
-
-    Returns:
-        The perplexity; ``nan`` when there is nothing to predict.
-    """
-    if blocks.dim() != 2:
-        raise ValueError(f"perplexity: blocks must be [n, seq_len], got shape {tuple(blocks.shape)}")
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    total_nll = 0.0
-    count = 0
-    try:
-        for start in range(0, blocks.shape[0], batch_size):
-            x = blocks[start:start + batch_size].to(device)
-            if x.shape[1] < 2:
-                continue
-            out = model(x)
-            logits = getattr(out, "logits", out)
-            nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), x[:, 1:].reshape(-1),
-                                  reduction="sum")
-            total_nll += float(nll)
-            count += x[:, 1:].numel()
-    finally:
-        model.train(was_training)
-    return math.exp(total_nll / count) if count else float("nan")
 
 
 def unigram_perplexity(train_blocks: torch.Tensor, eval_blocks: torch.Tensor, vocab_size: int) -> float:

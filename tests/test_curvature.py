@@ -7,19 +7,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import obd_ext
+from testing import float64_by_default  # noqa: F401  (autouse fixture: every test in float64)
 from obd_ext import reference
 from obd_ext.curvature import CurvatureAccumulator, UnsupportedOpError, hessian_diag
 from obd_ext.curvature import rules
 
 
 
-@pytest.fixture(autouse=True)
-def float64_by_default():
-    """Every test here works in float64; restore the default for other modules."""
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
 
 
 ACTS = [nn.Tanh, nn.Sigmoid, nn.ReLU, nn.LeakyReLU, nn.ELU, nn.GELU, lambda: nn.GELU(approximate="tanh"), nn.SiLU,

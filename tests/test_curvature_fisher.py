@@ -9,14 +9,9 @@ from obd_ext.curvature import estimators, hessian_diag
 from obd_ext.curvature.losses import sampled_targets
 from obd_ext.curvature.per_sample import layerwise_squared
 from obd_ext.models import GPT, LeNet5, SmallResNet, mlp
+from testing import float64_by_default  # noqa: F401  (autouse fixture: every test in float64)
 
 
-@pytest.fixture(autouse=True)
-def float64_by_default():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
 
 
 def close(a, b, tol=1e-10):

@@ -79,3 +79,12 @@ def assert_stats_close(a: torch.Tensor, b: torch.Tensor) -> None:
 
 
 param_device = pytest.mark.parametrize("device", DEVICES)
+
+
+@pytest.fixture(autouse=True)
+def float64_by_default():
+    """Imported by modules whose every test works in float64; restores the default afterwards."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)

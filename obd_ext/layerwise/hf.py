@@ -81,17 +81,43 @@ def run_causal_lm(model: nn.Module, batch: Tensor):
 
 
 @torch.no_grad()
-def perplexity(model: nn.Module, blocks: Tensor, batch_size: int = 8) -> float:
-    """exp of the mean next-token negative log-likelihood over every predicted token of ``blocks``."""
-    total, count = 0.0, 0
-    for i in range(0, blocks.shape[0], batch_size):
-        ids = blocks[i: i + batch_size].to(_device_of(model))
-        logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
-        nll = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
-                                          reduction="sum")
-        total += float(nll)
-        count += ids[:, 1:].numel()
-    return math.exp(total / count)
+def perplexity(model: torch.nn.Module, blocks: torch.Tensor, batch_size: int = 8) -> float:
+    """exp of the mean next-token NLL over every predicted token of ``blocks``.
+
+    Each block of ``T`` tokens predicts its last ``T - 1`` tokens from the ones
+    before (no context is carried between blocks). The model runs in eval mode
+    without gradients and its previous train/eval mode is restored.
+
+    Args:
+        model: A causal LM: ``model(input_ids)`` returns logits ``[B, T, V]`` or an
+            object with ``.logits`` (transformers).
+        blocks: ``LongTensor[n, T]``.
+        batch_size: Blocks per forward pass.
+
+    Returns:
+        The perplexity; ``nan`` when there is nothing to predict.
+    """
+    if blocks.dim() != 2:
+        raise ValueError(f"perplexity: blocks must be [n, seq_len], got shape {tuple(blocks.shape)}")
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    total_nll = 0.0
+    count = 0
+    try:
+        for start in range(0, blocks.shape[0], batch_size):
+            x = blocks[start:start + batch_size].to(device)
+            if x.shape[1] < 2:
+                continue
+            out = model(x)
+            logits = getattr(out, "logits", out)
+            nll = nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), x[:, 1:].reshape(-1),
+                                  reduction="sum")
+            total_nll += float(nll)
+            count += x[:, 1:].numel()
+    finally:
+        model.train(was_training)
+    return math.exp(total_nll / count) if count else float("nan")
 
 
 class _NextTokenLogits(nn.Module):
