@@ -7,7 +7,8 @@ split). Everything is a pure function of the arguments (seed, threads, --bf16)
 and the Python version's standard library.
 
 Steps: train a byte-level BPE tokenizer on the train split; cut every split into
-blocks of ``--seq-len`` tokens; train ``GPT2LMHeadModel`` (tied embeddings, no
+blocks of ``--seq-len`` tokens; train ``GPT2LMHeadModel`` or, with ``--arch llama``,
+``LlamaForCausalLM`` (tied embeddings, no
 dropout) with AdamW and a linear-warmup cosine schedule on shuffled train
 blocks; score val perplexity on a fixed subset every ``--eval-every`` steps and
 on the whole val and test splits at the end, next to the unigram baseline;
@@ -68,6 +69,10 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--n-embd", type=int, default=256)
     p.add_argument("--n-layer", type=int, default=4)
     p.add_argument("--n-head", type=int, default=4)
+    # llama: RMSNorm, rotary positions, SwiGLU MLP (intermediate 8/3 x width,
+    # rounded up to 16), no biases; the family of the LLMs layer-wise pruning
+    # is used on. gpt2: LayerNorm, learned positions, GELU MLP, biases.
+    p.add_argument("--arch", choices=["gpt2", "llama"], default="gpt2", help="model family")
     # sdpa's fused CPU attention: fastest of the two in fp32 on the 2-core machine
     # (best-of-run step times, batch 16: sdpa 2.3 s, eager 4.2 s; noisy, shared cores).
     p.add_argument("--attn", choices=["sdpa", "eager"], default="sdpa", help="attention implementation")
@@ -90,8 +95,22 @@ def lr_lambda(step: int, steps: int, warmup: int, min_ratio: float) -> float:
 
 
 def make_model(args: argparse.Namespace, eos_id: int):
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
+    if args.arch == "llama":
+        return LlamaForCausalLM(LlamaConfig(
+            vocab_size=args.vocab_size,
+            hidden_size=args.n_embd,
+            intermediate_size=-(-8 * args.n_embd // 3 // 16) * 16,
+            num_hidden_layers=args.n_layer,
+            num_attention_heads=args.n_head,
+            num_key_value_heads=args.n_head,
+            max_position_embeddings=args.seq_len,
+            bos_token_id=eos_id,
+            eos_token_id=eos_id,
+            tie_word_embeddings=True,
+            attn_implementation=args.attn,
+        ))
     config = GPT2Config(
         vocab_size=args.vocab_size,
         n_positions=args.seq_len,
@@ -152,7 +171,7 @@ def train(args: argparse.Namespace) -> Dict[str, object]:
 
     model = make_model(args, eos_id)
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"GPT2LMHeadModel: {n_params:,} parameters (tied embeddings), attn={args.attn}, "
+    print(f"{type(model).__name__}: {n_params:,} parameters (tied embeddings), attn={args.attn}, "
           f"threads={args.threads}", flush=True)
     opt = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr, betas=(0.9, 0.95), eps=1e-8)
     warmup = args.warmup if args.warmup is not None else max(1, args.steps // 20)
@@ -216,7 +235,7 @@ def train(args: argparse.Namespace) -> Dict[str, object]:
 
     log = {
         "config": {k: v for k, v in vars(args).items() if k != "out"} | {"warmup": warmup},
-        "model": {"class": "GPT2LMHeadModel", "n_params": n_params, "tied_embeddings": True,
+        "model": {"class": type(model).__name__, "n_params": n_params, "tied_embeddings": True,
                   "attn_implementation": args.attn},
         "data": {
             "python_version": llm_data.python_version(),

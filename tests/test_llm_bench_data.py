@@ -188,3 +188,24 @@ def test_load_model_and_splits(tmp_path, small_files, tokenizer):
         llm_data.load_model_and_splits(tmp_path, splits=("test",), max_tokens=cap)
     messages = " ".join(str(w.message) for w in record)
     assert "2.7.18" in messages and "differs" in messages
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_train_script_models(arch):
+    """train_tiny_gpt.py --arch builds a tied-embedding causal LM whose blocks the layer-wise pruner finds."""
+    import train_tiny_gpt
+    from obd_ext.layerwise import find_blocks, prunable_layers
+
+    args = train_tiny_gpt.parse_args(["--arch", arch, "--n-embd", "48", "--n-layer", "2", "--n-head", "2",
+                                      "--vocab-size", "64", "--seq-len", "16"])
+    model = train_tiny_gpt.make_model(args, eos_id=0)
+    assert type(model).__name__ == {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM"}[arch]
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    _, blocks = find_blocks(model)
+    assert len(blocks) == 2
+    names = set(prunable_layers(blocks[0]))
+    if arch == "llama":  # SwiGLU, intermediate 8/3 x 48 = 128 (a multiple of 16)
+        assert {"mlp.gate_proj", "mlp.up_proj", "mlp.down_proj", "self_attn.q_proj"} <= names
+        assert model.config.intermediate_size == 128
+    ids = torch.randint(0, 64, (2, 16))
+    assert model(input_ids=ids).logits.shape == (2, 16, 64)
