@@ -16,6 +16,10 @@ unstructured or 2:4, and is scored by perplexity on the test split:
 Usage:
     python bench/train_tiny_gpt.py                       # once: bench/out/tiny-gpt2
     python bench/bench_llm_quality.py [--model DIR] [--json bench/out/llm_quality.json]
+
+    # the Llama-family model of bench/RESULTS.md's first quality table
+    python bench/train_tiny_gpt.py --arch llama --bf16 --steps 1500 --out bench/out/tiny-llama-1500
+    python bench/bench_llm_quality.py --model bench/out/tiny-llama-1500
 """
 
 from __future__ import annotations
