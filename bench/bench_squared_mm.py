@@ -48,8 +48,8 @@ def main(argv=None) -> int:
             if name != "plain":
                 torch.testing.assert_close(fn(), ref, rtol=tol, atol=tol * k)
             secs = time_call(fn, args.device, args.repeats)
-            rows.append({"shape": f"{m}x{k} @ {k}x{n}", "device": args.device, "dtype": args.dtype, "method": name, "seconds": secs,
-                         "gflops": 2 * m * k * n / secs / 1e9})
+            rows.append({"shape": f"{m}x{k} @ {k}x{n}", "device": args.device, "dtype": args.dtype, "method": name,
+                         "seconds": secs, "gflops": 2 * m * k * n / secs / 1e9})
         base = [r for r in rows if r["shape"] == rows[-1]["shape"]]
         for r in base:
             r["x_plain"] = r["seconds"] / base[0]["seconds"]
