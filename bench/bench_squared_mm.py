@@ -37,8 +37,8 @@ def main(argv=None) -> int:
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     rows = []
+    dtype = getattr(torch, args.dtype)
     for m, k, n in SHAPES:
-        dtype = getattr(torch, args.dtype)
         a = torch.randn(m, k, device=args.device).to(dtype)
         b = torch.randn(k, n, device=args.device).to(dtype)
         ref = (a.double() @ (b.double() * b.double())).to(dtype)

@@ -14,17 +14,6 @@ namespace {
 constexpr int kColumnThreads = 256;
 
 template <typename S>
-__device__ __forceinline__ S load_as(const void* x, Dtype t, int64_t i);
-template <>
-__device__ __forceinline__ float load_as<float>(const void* x, Dtype t, int64_t i) {
-  return load_float(x, t, i);
-}
-template <>
-__device__ __forceinline__ double load_as<double>(const void* x, Dtype t, int64_t i) {
-  return load_double(x, t, i);
-}
-
-template <typename S>
 __global__ void column_partials_kernel(ColumnSqSumParams p, int64_t chunks) {
   const int64_t col = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   const int64_t chunk = blockIdx.y;

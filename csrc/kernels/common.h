@@ -130,6 +130,18 @@ __device__ __forceinline__ double load_double(const void* p, Dtype t, int64_t i)
   return static_cast<double>(load_float(p, t, i));
 }
 
+// load_float or load_double by the accumulation type of a kernel template.
+template <typename S>
+__device__ __forceinline__ S load_as(const void* p, Dtype t, int64_t i);
+template <>
+__device__ __forceinline__ float load_as<float>(const void* p, Dtype t, int64_t i) {
+  return load_float(p, t, i);
+}
+template <>
+__device__ __forceinline__ double load_as<double>(const void* p, Dtype t, int64_t i) {
+  return load_double(p, t, i);
+}
+
 // Rounds like the CPU kernels: double -> float -> (half | bfloat16).
 __device__ __forceinline__ void store_double(void* p, Dtype t, int64_t i, double v) {
   switch (t) {
