@@ -12,10 +12,81 @@
 
 #include "../checks.h"
 #include "dispatch.h"
+#include "vec_math.h"
 
 namespace obd {
 namespace cpu {
 namespace {
+
+template <typename T>
+struct CeArgs {
+  const T* x;          // N x C logits
+  const int64_t* t;    // N targets
+  T* g;                // N x C
+  T* h;                // N x C
+  double* row_loss;    // N
+  int64_t c, ignore_index;
+  double scale;
+};
+
+// Reductions run in kLanes independent partial results, so that they
+// vectorise without reassociation flags (and give the same result on every
+// machine and thread count: the lanes are fixed, rows are never split).
+constexpr int64_t kLanes = 16;
+
+template <typename T, typename S>
+OBD_ALWAYS_INLINE void ce_rows(const CeArgs<T>& a, int64_t rb, int64_t re, S* __restrict e) {
+  const int64_t c = a.c;
+  for (int64_t r = rb; r < re; ++r) {
+    const T* __restrict row = a.x + r * c;
+    S lane[kLanes];
+    for (int64_t l = 0; l < kLanes; ++l) lane[l] = -std::numeric_limits<S>::infinity();
+    const int64_t body = c - c % kLanes;
+    for (int64_t j = 0; j < body; j += kLanes)
+      for (int64_t l = 0; l < kLanes; ++l) {
+        const S v = static_cast<S>(row[j + l]);
+        lane[l] = v > lane[l] ? v : lane[l];
+      }
+    S mx = -std::numeric_limits<S>::infinity();
+    for (int64_t l = 0; l < kLanes; ++l) mx = lane[l] > mx ? lane[l] : mx;
+    for (int64_t j = body; j < c; ++j) mx = std::max(mx, static_cast<S>(row[j]));
+
+    for (int64_t j = 0; j < c; ++j) e[j] = CpuMath::exp<S>(static_cast<S>(row[j]) - mx);  // one exponential per entry
+    for (int64_t l = 0; l < kLanes; ++l) lane[l] = S(0);
+    for (int64_t j = 0; j < body; j += kLanes)
+      for (int64_t l = 0; l < kLanes; ++l) lane[l] += e[j + l];
+    S sum = 0;
+    for (int64_t l = 0; l < kLanes; ++l) sum += lane[l];
+    for (int64_t j = body; j < c; ++j) sum += e[j];
+
+    const bool valid = a.t[r] != a.ignore_index;
+    const int64_t k = valid ? a.t[r] : -1;
+    const S w = valid ? static_cast<S>(a.scale) : S(0);
+    const S inv = S(1) / sum;
+    T* __restrict grow = a.g + r * c;
+    T* __restrict hrow = a.h + r * c;
+    for (int64_t j = 0; j < c; ++j) {
+      const S p = e[j] * inv;
+      grow[j] = static_cast<T>(w * p);
+      hrow[j] = static_cast<T>(w * p * (S(1) - p));
+    }
+    if (valid) {
+      grow[k] = static_cast<T>(w * (e[k] * inv - S(1)));
+      a.row_loss[r] = static_cast<double>(std::log(sum) + mx - static_cast<S>(row[k])) * a.scale;
+    }
+  }
+}
+
+template <typename T, typename S>
+void ce_rows_baseline(const CeArgs<T>& a, int64_t rb, int64_t re, S* e) {
+  ce_rows<T, S>(a, rb, re, e);
+}
+
+// The same rows compiled for AVX2+FMA, run where the CPU has them.
+template <typename T, typename S>
+OBD_TARGET_AVX2 void ce_rows_avx2(const CeArgs<T>& a, int64_t rb, int64_t re, S* e) {
+  ce_rows<T, S>(a, rb, re, e);
+}
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_boundary_cpu(const at::Tensor& logits,
                                                                           const at::Tensor& target,
@@ -34,36 +105,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_boundary_cpu(const 
   dispatch_float(x.scalar_type(), [&](auto tag) {
     using T = typename decltype(tag)::type;
     using S = std::conditional_t<std::is_same_v<T, double>, double, float>;
-    const T* xp = x.const_data_ptr<T>();
-    T* gp = g.mutable_data_ptr<T>();
-    T* hp = h.mutable_data_ptr<T>();
+    const CeArgs<T> a{x.const_data_ptr<T>(), tp, g.mutable_data_ptr<T>(), h.mutable_data_ptr<T>(),
+                      row_loss.data(), c, ignore_index, scale};
+    constexpr bool kWide = std::is_same_v<T, float> || std::is_same_v<T, double>;
+    const bool avx2 = kWide && use_avx2();
     at::parallel_for(0, n, 1, [&](int64_t rb, int64_t re) {
-      std::vector<S> e(c);  // exp(x - max) of one row: one exponential per entry
-      for (int64_t r = rb; r < re; ++r) {
-        const T* row = xp + r * c;
-        S mx = -std::numeric_limits<S>::infinity();
-        for (int64_t j = 0; j < c; ++j) mx = std::max(mx, static_cast<S>(row[j]));
-        S sum = 0;
-        for (int64_t j = 0; j < c; ++j) {
-          e[j] = std::exp(static_cast<S>(row[j]) - mx);
-          sum += e[j];
-        }
-        const bool valid = tp[r] != ignore_index;
-        const int64_t k = valid ? tp[r] : -1;
-        const S w = valid ? static_cast<S>(scale) : S(0);
-        const S inv = S(1) / sum;
-        T* grow = gp + r * c;
-        T* hrow = hp + r * c;
-        for (int64_t j = 0; j < c; ++j) {
-          const S p = e[j] * inv;
-          grow[j] = static_cast<T>(w * p);
-          hrow[j] = static_cast<T>(w * p * (S(1) - p));
-        }
-        if (valid) {
-          grow[k] = static_cast<T>(w * (e[k] * inv - S(1)));
-          row_loss[r] = static_cast<double>(std::log(sum) + mx - static_cast<S>(row[k])) * scale;
-        }
-      }
+      std::vector<S> e(c);  // exp(x - max) of one row
+      if (avx2) ce_rows_avx2<T, S>(a, rb, re, e.data());
+      else ce_rows_baseline<T, S>(a, rb, re, e.data());
     });
   });
   double loss = 0.0;

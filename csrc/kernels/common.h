@@ -248,9 +248,27 @@ enum ActKind : int32_t {
   kNumActKinds = 10
 };
 
+// The transcendental functions the rules call, as a policy: this one is the
+// platform's (CUDA's device functions, libm on the host); the CPU kernel
+// passes vectorisable float versions (csrc/cpu/vec_math.h).
+struct StdMath {
+  template <typename S>
+  OBD_HOST_DEVICE static S exp(S x) {
+    return OBD_MATH(exp)(x);
+  }
+  template <typename S>
+  OBD_HOST_DEVICE static S erf(S x) {
+    return OBD_MATH(erf)(x);
+  }
+  template <typename S>
+  OBD_HOST_DEVICE static S tanh(S x) {
+    return OBD_MATH(tanh)(x);
+  }
+};
+
 // f'(v) and f''(v) for activation K, a compile-time constant so that the CPU
 // loops vectorise for the arithmetic kinds.
-template <int K, typename S>
+template <int K, typename S, typename M = StdMath>
 OBD_HOST_DEVICE void act_derivs_k(S v, S p0, S p1, S p2, S* d1, S* d2) {
   const S one = S(1), zero = S(0);
   if constexpr (K == kActTanh) {
@@ -266,12 +284,12 @@ OBD_HOST_DEVICE void act_derivs_k(S v, S p0, S p1, S p2, S* d1, S* d2) {
     *d1 = v > zero ? one : p0;
     *d2 = zero;
   } else if constexpr (K == kActElu) {
-    const S neg = p1 * p0 * p2 * OBD_MATH(exp)(v * p2);
+    const S neg = p1 * p0 * p2 * M::exp(v * p2);
     *d1 = v > zero ? p1 : neg;
     *d2 = v > zero ? zero : neg * p2;
   } else if constexpr (K == kActGelu) {
-    const S pdf = OBD_MATH(exp)(S(-0.5) * v * v) * S(0.3989422804014327);  // 1/sqrt(2 pi)
-    const S cdf = S(0.5) * (one + OBD_MATH(erf)(v * S(0.7071067811865476)));
+    const S pdf = M::exp(S(-0.5) * v * v) * S(0.3989422804014327);  // 1/sqrt(2 pi)
+    const S cdf = S(0.5) * (one + M::erf(v * S(0.7071067811865476)));
     *d1 = cdf + v * pdf;
     *d2 = pdf * (S(2) - v * v);
   } else if constexpr (K == kActGeluTanh) {
@@ -279,16 +297,16 @@ OBD_HOST_DEVICE void act_derivs_k(S v, S p0, S p1, S p2, S* d1, S* d2) {
     const S u = k * (v + c * v * v * v);
     const S du = k * (one + S(3) * c * v * v);
     const S ddu = k * S(6) * c * v;
-    const S t = OBD_MATH(tanh)(u);
+    const S t = M::tanh(u);
     const S sech2 = one - t * t;
     *d1 = S(0.5) * (one + t) + S(0.5) * v * sech2 * du;
     *d2 = sech2 * du + S(0.5) * v * (S(-2) * t * sech2 * du * du + sech2 * ddu);
   } else if constexpr (K == kActSilu) {
-    const S s = one / (one + OBD_MATH(exp)(-v));
+    const S s = one / (one + M::exp(-v));
     *d1 = s * (one + v * (one - s));
     *d2 = s * (one - s) * (S(2) + v * (one - S(2) * s));
   } else if constexpr (K == kActSoftplus) {
-    const S s = one / (one + OBD_MATH(exp)(-p0 * v));
+    const S s = one / (one + M::exp(-p0 * v));
     const bool linear = p0 * v > p1;
     *d1 = linear ? one : s;
     *d2 = linear ? zero : p0 * s * (one - s);
@@ -317,10 +335,10 @@ inline void with_act_kind(int kind, F&& f) {
 }
 
 // One element of the rule: h_in = d1^2 h + d2 g (lm: without d2 g), g_in = d1 g.
-template <int K, typename S>
+template <int K, typename S, typename M = StdMath>
 OBD_HOST_DEVICE void act_rule(S v, S h, S g, bool lm, S p0, S p1, S p2, S* h_in, S* g_in) {
   S d1, d2;
-  act_derivs_k<K, S>(v, p0, p1, p2, &d1, &d2);
+  act_derivs_k<K, S, M>(v, p0, p1, p2, &d1, &d2);
   *h_in = lm ? d1 * d1 * h : d1 * d1 * h + d2 * g;
   *g_in = d1 * g;
 }
