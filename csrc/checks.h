@@ -158,6 +158,28 @@ inline void check_activation_args(const at::Tensor& saved, const at::Tensor& h, 
 }
 
 // ---------------------------------------------------------------------------
+// softmax_hessian
+// ---------------------------------------------------------------------------
+inline void check_softmax_args(const at::Tensor& y, const at::Tensor& h, const c10::optional<at::Tensor>& g,
+                               bool lm, bool want_g) {
+  const char* op = "softmax_hessian";
+  check_float(op, "y", y);
+  TORCH_CHECK(y.dim() >= 1, "obd_ext.", op, ": y must have at least one dimension (the softmax's), got a scalar");
+  check_same_shape(op, "y", y, "h", h);
+  check_same_device(op, "y", y, "h", h);
+  TORCH_CHECK(h.scalar_type() == y.scalar_type(), "obd_ext.", op, ": y and h must have one dtype, got ",
+              y.scalar_type(), " and ", h.scalar_type());
+  const bool has_g = g.has_value() && g->defined();
+  TORCH_CHECK(has_g || (lm && !want_g), "obd_ext.", op, ": g is required unless lm=True and want_g=False");
+  if (has_g) {
+    check_same_shape(op, "y", y, "g", *g);
+    check_same_device(op, "y", y, "g", *g);
+    TORCH_CHECK(g->scalar_type() == y.scalar_type(), "obd_ext.", op, ": g must have the dtype of y (",
+                y.scalar_type(), "), got ", g->scalar_type());
+  }
+}
+
+// ---------------------------------------------------------------------------
 // cross_entropy_boundary
 // ---------------------------------------------------------------------------
 inline void check_ce_args(const at::Tensor& logits, const at::Tensor& target) {

@@ -50,6 +50,13 @@ TORCH_LIBRARY(obd_ext, m) {
       "activation_hessian(Tensor saved, Tensor h, Tensor? g, int kind, float p0, float p1, float p2, "
       "bool lm, bool want_g) -> (Tensor, Tensor)");
 
+  // Curvature sweep, softmax rule (OBD eq. 7) over the last dimension, per
+  // row of y = softmax(x) with s = sum_j y_j^2 h_j and t = sum_j g_j y_j:
+  //   h_in = y^2 ((1 - 2y) h + s) + y (2y - 1)(t - g)   (lm: the last term dropped)
+  //   g_in = y (g - t).
+  // g may be undefined when lm and not want_g; g_in is empty unless want_g.
+  m.def("softmax_hessian(Tensor y, Tensor h, Tensor? g, bool lm, bool want_g) -> (Tensor, Tensor)");
+
   // Curvature sweep, cross-entropy boundary for logits (N x C, class dim 1)
   // and class targets (N): per row p = softmax(x), and with c = scale for
   // rows whose target != ignore_index (0 otherwise): loss = c * sum(lse - x_t),

@@ -17,7 +17,7 @@ from . import _C  # noqa: F401  (loads the kernels)
 from .reference import NUM_STATS, saliency_dtype
 
 __all__ = ["saliency", "group_saliency", "global_select_", "row_select_", "nm_select_", "activation_hessian",
-           "cross_entropy_boundary", "squared_mm", "squared_conv", "column_sq_sum_"]
+           "softmax_hessian", "cross_entropy_boundary", "squared_mm", "squared_conv", "column_sq_sum_"]
 
 _ops = torch.ops.obd_ext
 
@@ -62,6 +62,11 @@ def activation_hessian(saved: Tensor, h: Tensor, g: Optional[Tensor], kind: int,
                        p2: float = 0.0, lm: bool = False, want_g: bool = False) -> tuple:
     """The curvature sweep's activation rule in one pass; see the schema in csrc/ops.cpp."""
     return _ops.activation_hessian.default(saved, h, g, kind, p0, p1, p2, lm, want_g)
+
+
+def softmax_hessian(y: Tensor, h: Tensor, g: Optional[Tensor], lm: bool, want_g: bool) -> tuple:
+    """(h_in, g_in) of the softmax rule over the last dimension; see the schema in csrc/ops.cpp."""
+    return _ops.softmax_hessian.default(y, h, g, lm, want_g)
 
 
 def cross_entropy_boundary(logits: Tensor, target: Tensor, ignore_index: int, scale: float) -> tuple:
@@ -141,6 +146,15 @@ def _activation_hessian_fake(saved, h, g, kind, p0, p1, p2, lm, want_g):
     _check_one_device("activation_hessian", saved, h, g)
     torch._check(saved.shape == h.shape, lambda: "obd_ext.activation_hessian: saved and h shapes differ")
     return torch.empty_like(h), (torch.empty_like(h) if want_g else h.new_empty(0))
+
+
+@torch.library.register_fake("obd_ext::softmax_hessian")
+def _softmax_hessian_fake(y, h, g, lm, want_g):
+    _check_one_device("softmax_hessian", y, h, g)
+    torch._check(y.dim() >= 1, lambda: "obd_ext.softmax_hessian: y must have at least one dimension")
+    torch._check(y.shape == h.shape, lambda: "obd_ext.softmax_hessian: y and h shapes differ")
+    return torch.empty_like(h, memory_format=torch.contiguous_format), (
+        torch.empty_like(h, memory_format=torch.contiguous_format) if want_g else h.new_empty(0))
 
 
 @torch.library.register_fake("obd_ext::cross_entropy_boundary")

@@ -27,6 +27,7 @@ __all__ = [
     "activation_derivatives",
     "activation_hessian",
     "cross_entropy_boundary",
+    "softmax_hessian",
     "squared_mm",
     "column_sq_sum",
     "squared_conv",
@@ -275,6 +276,25 @@ def activation_hessian(saved: Tensor, h: Tensor, g: Optional[Tensor], kind: int,
         h_in = h_in + d2 * g.to(acc)
     g_in = (d1 * g.to(acc)).to(h.dtype) if want_g and g is not None else (
         torch.zeros_like(h) if want_g else h.new_empty(0))
+    return h_in.to(h.dtype), g_in
+
+
+def softmax_hessian(y: Tensor, h: Tensor, g: Optional[Tensor], lm: bool, want_g: bool) -> tuple[Tensor, Tensor]:
+    """The softmax rule over the last dimension, computed in fp32/fp64:
+    ``h_in = y^2 ((1 - 2y) h + s) + y (2y - 1)(t - g)`` (lm: without the last term) and
+    ``g_in = y (g - t)``, with per-row ``s = sum y^2 h`` and ``t = sum g y``."""
+    acc = torch.float64 if y.dtype == torch.float64 else torch.float32
+    yy, hh = y.to(acc), h.to(acc)
+    s = (yy * yy * hh).sum(-1, keepdim=True)
+    h_in = yy * yy * ((1 - 2 * yy) * hh + s)
+    g_in = h.new_empty(0)
+    if g is not None and (want_g or not lm):
+        gg = g.to(acc)
+        d = (gg * yy).sum(-1, keepdim=True) - gg  # t - g
+        if not lm:
+            h_in = h_in + yy * (2 * yy - 1) * d
+        if want_g:
+            g_in = (-yy * d).to(h.dtype)
     return h_in.to(h.dtype), g_in
 
 

@@ -44,3 +44,25 @@ def test_opcheck_and_errors():
         ops.cross_entropy_boundary(x.reshape(2, 2, 6), t, -100, 1.0)
     with pytest.raises(RuntimeError, match="target must be int64 class indices"):
         ops.cross_entropy_boundary(x, t.int(), -100, 1.0)
+
+
+@param_device
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("c", [5, 17, 300])
+def test_masked_and_extreme_logits(device, dtype, c):
+    """-inf logits (a masked vocabulary) get exactly zero gradient and curvature;
+    logits spread over +-1e4 (exp underflows to 0 for most) match the reference."""
+    require_kernels(device)
+    gen = torch.Generator().manual_seed(c)
+    x = (torch.randn(6, c, generator=gen, dtype=torch.float64) * 1e4).to(dtype)
+    x[:, ::3] = float("-inf")
+    t = torch.tensor([1, 2, 4, 1, -100, 2])[: 6] % c
+    t[t % 3 == 0] = 1  # targets are never masked classes
+    x, t = x.to(device), t.to(device)
+    loss, g, h = ops.cross_entropy_boundary(x, t, -100, 0.2)
+    rl, rg, rh = reference.cross_entropy_boundary(x, t, -100, 0.2)
+    assert torch.isfinite(loss)
+    assert (g[:, ::3] == 0).all() and (h[:, ::3] == 0).all()
+    torch.testing.assert_close(loss, rl, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(g, rg, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(h, rh, rtol=1e-6, atol=1e-6)

@@ -316,21 +316,22 @@ def mean_all(node, g: Grads, h: Grads, ctx: Ctx):
 
 
 def softmax(node, g: Grads, h: Grads, ctx: Ctx):
-    """Per row: H_x = y^2 ((1 - 2y) H + sum_j y_j^2 H_j) [+ y (2y - 1)(sum_j g_j y_j - g)]."""
+    """Per row: H_x = y^2 ((1 - 2y) H + sum_j y_j^2 H_j) [+ y (2y - 1)(sum_j g_j y_j - g)],
+    g_x = y (g - sum_j g_j y_j), in one fused kernel over the softmax's dimension
+    (ops.softmax_hessian; as tensor ops it was 12 passes over the attention scores)."""
     y, dim = node._saved_result, _signed(node._saved_dim)
-    # Fused multiply-adds on few temporaries: 12 passes over the scores instead
-    # of 20 (the rule was 7% of the GPT's OBD sweep at 8k).
-    y2 = y * y
-    a = y2 * h[0]  # y^2 H
-    s = a.sum(dim, keepdim=True)
-    h_in = torch.addcmul(a, y, a, value=-2.0)  # y^2 (1 - 2y) H
-    h_in.addcmul_(y2, s)
-    g_in = None
-    if g[0] is not None and not ctx.lm:
-        d = (g[0] * y).sum(dim, keepdim=True) - g[0]  # sum_j g_j y_j - g
-        h_in.addcmul_(y2, d, value=2.0).addcmul_(y, d, value=-1.0)  # + y (2y - 1) d
-        g_in = torch.mul(y, d).neg_() if ctx.wants(0) else None  # y (g - t)
-    return (g_in,), (h_in,)
+    last = dim in (-1, y.dim() - 1)
+    use_g = g[0] is not None and not ctx.lm
+    want_g = use_g and ctx.wants(0)
+
+    def lastdim(t: Tensor) -> Tensor:
+        return (t if last else t.movedim(dim, -1)).to(y.dtype)
+
+    h_in, g_in = ops.softmax_hessian(lastdim(y), lastdim(h[0]), lastdim(g[0]) if use_g else None, not use_g, want_g)
+    if not last:
+        h_in = h_in.movedim(-1, dim)
+        g_in = g_in.movedim(-1, dim) if want_g else g_in
+    return (g_in if want_g else None,), (h_in,)
 
 
 def layer_norm(node, g: Grads, h: Grads, ctx: Ctx):
