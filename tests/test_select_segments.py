@@ -102,3 +102,27 @@ def test_bad_arguments():
         ops.nm_select_(w, h, m.to(other), 2, 2, None, False)
     with pytest.raises(RuntimeError, match=r"mask must have the shape of weight"):
         ops.row_select_(w, h, m[:2], 1, None, False)
+
+
+@param_device
+@pytest.mark.parametrize("wdtype", [torch.float32, torch.float64], ids=str)
+def test_nan_saliency_from_finite_inputs_is_deleted_last(device, wdtype):
+    """h = 0 with w^2 overflowing gives saliency 0 * inf = NaN from finite w and h
+    (on x86 a negative NaN). Every path orders it after all finite saliencies, as
+    the reference's sort does, in global, row and N:M selection."""
+    require_kernels(device)
+    big = 1e20 if wdtype == torch.float32 else 1e160
+    w = torch.linspace(1, 2, 32, dtype=wdtype).reshape(4, 8)
+    h = torch.ones(4, 8, dtype=wdtype)
+    w[:, 1], h[:, 1] = big, 0.0  # NaN saliency in every row and in every group of 4
+    w, h = w.to(device), h.to(device)
+    assert torch.isnan(ops.saliency(w, h)[:, 1]).all()
+    mask = torch.ones(4, 8, dtype=torch.bool, device=device)
+    m, _ = run_both(ops.row_select_, reference.row_select_, w, h, mask, 7, None, False)
+    assert m[:, 1].all() and (~m).sum() == 28
+    m, _ = run_both(ops.nm_select_, reference.nm_select_, w, h, mask, 1, 4, None, False)
+    assert m[:, 1].all()
+    mg_k, mg_r = mask.clone(), mask.clone()
+    ops.global_select_([w], [h], [mg_k], 28, None, False)
+    reference.global_select_([w], [h], [mg_r], 28, None, False)
+    assert torch.equal(mg_k, mg_r) and mg_k[:, 1].all()

@@ -37,12 +37,17 @@ OBD_HOST_DEVICE S saliency_of(S w, S h) {
 // non-negative numbers and all bits flipped for negative ones, orders as an
 // unsigned integer exactly as the floats do (NaN excluded). -0.0 is mapped to
 // +0.0 first so that equal saliencies always have equal keys (the reference
-// sorts values, and -0.0 == +0.0 there).
+// sorts values, and -0.0 == +0.0 there). A NaN saliency, which finite w and h
+// can give (h = 0 times w^2 overflowing to inf), is mapped to the positive
+// quiet NaN first: its key is then above +inf's on every path, as torch.sort
+// orders NaN last in the reference. (x86's 0 * inf is a *negative* NaN, which
+// would otherwise sort first and be deleted first.)
 // ---------------------------------------------------------------------------
 OBD_HOST_DEVICE uint32_t key_of(float s) {
   uint32_t u;
   memcpy(&u, &s, sizeof(u));
   if (u == 0x80000000u) u = 0u;
+  if ((u & 0x7FFFFFFFu) > 0x7F800000u) u = 0x7FC00000u;
   return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
 }
 
@@ -50,6 +55,7 @@ OBD_HOST_DEVICE uint64_t key_of(double s) {
   uint64_t u;
   memcpy(&u, &s, sizeof(u));
   if (u == 0x8000000000000000ull) u = 0ull;
+  if ((u & 0x7FFFFFFFFFFFFFFFull) > 0x7FF0000000000000ull) u = 0x7FF8000000000000ull;
   return (u & 0x8000000000000000ull) ? ~u : (u | 0x8000000000000000ull);
 }
 
