@@ -387,6 +387,7 @@ def _keys(w: Tensor, h: Tensor, wide: bool) -> Tensor:
     (digits are extracted with shifts and masks, never compared as numbers).
     """
     s = saliency(w, h)
+    s = torch.where(torch.isnan(s), math.nan, s)  # any NaN -> the positive quiet NaN, as key_of does
     if wide:
         u = s.to(torch.float64).view(torch.int64)
         u = torch.where(u == -(1 << 63), 0, u)  # -0.0 -> +0.0
