@@ -60,9 +60,11 @@ TORCH_LIBRARY(obd_ext, m) {
   // Curvature sweep, cross-entropy boundary for logits (N x C, class dim 1)
   // and class targets (N): per row p = softmax(x), and with c = scale for
   // rows whose target != ignore_index (0 otherwise): loss = c * sum(lse - x_t),
-  // g = c * (p - onehot(t)), h = c * p * (1 - p). Loss is float64.
+  // g = c * (p - onehot(t)), h = c * p * (1 - p). Loss is float64. g is
+  // empty unless want_g (the Gauss-Newton sweep never reads it, and at a
+  // large vocabulary it is the size of the logits).
   m.def(
-      "cross_entropy_boundary(Tensor logits, Tensor target, int ignore_index, float scale) "
+      "cross_entropy_boundary(Tensor logits, Tensor target, int ignore_index, float scale, bool want_g=True) "
       "-> (Tensor, Tensor, Tensor)");
 
   // Curvature sweep, the squared-operand product of the linear rule:

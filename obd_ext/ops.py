@@ -69,9 +69,10 @@ def softmax_hessian(y: Tensor, h: Tensor, g: Optional[Tensor], lm: bool, want_g:
     return _ops.softmax_hessian.default(y, h, g, lm, want_g)
 
 
-def cross_entropy_boundary(logits: Tensor, target: Tensor, ignore_index: int, scale: float) -> tuple:
+def cross_entropy_boundary(logits: Tensor, target: Tensor, ignore_index: int, scale: float,
+                           want_g: bool = True) -> tuple:
     """(loss, g, h) of cross-entropy at N x C logits; see the schema in csrc/ops.cpp."""
-    return _ops.cross_entropy_boundary.default(logits, target, ignore_index, scale)
+    return _ops.cross_entropy_boundary.default(logits, target, ignore_index, scale, want_g)
 
 
 def squared_mm(a: Tensor, b: Tensor, square_a: bool, square_b: bool) -> Tensor:
@@ -158,10 +159,11 @@ def _softmax_hessian_fake(y, h, g, lm, want_g):
 
 
 @torch.library.register_fake("obd_ext::cross_entropy_boundary")
-def _cross_entropy_boundary_fake(logits, target, ignore_index, scale):
+def _cross_entropy_boundary_fake(logits, target, ignore_index, scale, want_g=True):
     _check_one_device("cross_entropy_boundary", logits, target)
     torch._check(logits.dim() == 2, lambda: "obd_ext.cross_entropy_boundary: logits must be N x C")
-    return logits.new_empty((), dtype=torch.float64), torch.empty_like(logits), torch.empty_like(logits)
+    g = torch.empty_like(logits) if want_g else logits.new_empty(0)
+    return logits.new_empty((), dtype=torch.float64), g, torch.empty_like(logits)
 
 
 @torch.library.register_fake("obd_ext::squared_mm")

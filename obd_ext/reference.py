@@ -298,8 +298,9 @@ def softmax_hessian(y: Tensor, h: Tensor, g: Optional[Tensor], lm: bool, want_g:
     return h_in.to(h.dtype), g_in
 
 
-def cross_entropy_boundary(logits: Tensor, target: Tensor, ignore_index: int, scale: float):
-    """(loss, g, h) of softmax cross-entropy at N x C logits: ``c (p - onehot)``, ``c p (1 - p)``."""
+def cross_entropy_boundary(logits: Tensor, target: Tensor, ignore_index: int, scale: float, want_g: bool = True):
+    """(loss, g, h) of softmax cross-entropy at N x C logits: ``c (p - onehot)`` (empty unless
+    ``want_g``), ``c p (1 - p)``."""
     acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
     x = logits.to(acc)
     logp = torch.log_softmax(x, dim=1)
@@ -309,7 +310,8 @@ def cross_entropy_boundary(logits: Tensor, target: Tensor, ignore_index: int, sc
     w = (valid.to(acc) * scale).unsqueeze(1)
     onehot = torch.zeros_like(p).scatter_(1, safe.unsqueeze(1), 1.0)
     loss = -(logp.gather(1, safe.unsqueeze(1)).squeeze(1).double() * valid).sum() * scale
-    return loss, (w * (p - onehot)).to(logits.dtype), (w * p * (1 - p)).to(logits.dtype)
+    g = (w * (p - onehot)).to(logits.dtype) if want_g else logits.new_empty(0)
+    return loss, g, (w * p * (1 - p)).to(logits.dtype)
 
 
 def squared_mm(a: Tensor, b: Tensor, square_a: bool, square_b: bool) -> Tensor:

@@ -27,6 +27,10 @@ def test_matches_reference(device, dtype, n, c):
     torch.testing.assert_close(loss, rl, rtol=TOL[dtype], atol=TOL[dtype])
     torch.testing.assert_close(g, rg, rtol=TOL[dtype], atol=TOL[dtype])
     torch.testing.assert_close(h, rh, rtol=TOL[dtype], atol=TOL[dtype])
+    # without the gradient (the Gauss-Newton sweep): g is empty, loss and h are the same
+    loss2, g2, h2 = ops.cross_entropy_boundary(x, t, -100, scale, want_g=False)
+    assert g2.numel() == 0 and g2.dtype == dtype
+    assert torch.equal(loss2, loss) and torch.equal(h2, h)
     if dtype == torch.float64 and n:
         xg = x.clone().requires_grad_()
         ref_loss = F.cross_entropy(xg, t, ignore_index=-100)
@@ -38,6 +42,7 @@ def test_matches_reference(device, dtype, n, c):
 def test_opcheck_and_errors():
     x, t = torch.randn(4, 6, dtype=torch.float64), torch.tensor([0, 5, 2, 1])
     torch.library.opcheck(torch.ops.obd_ext.cross_entropy_boundary.default, (x, t, -100, 0.25))
+    torch.library.opcheck(torch.ops.obd_ext.cross_entropy_boundary.default, (x, t, -100, 0.25, False))
     with pytest.raises(RuntimeError, match=r"target\[1\] = 9 is not a class in \[0, 6\)"):
         ops.cross_entropy_boundary(x, torch.tensor([0, 9, 2, 1]), -100, 1.0)
     with pytest.raises(RuntimeError, match="logits must be N x C"):

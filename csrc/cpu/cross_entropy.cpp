@@ -22,7 +22,7 @@ template <typename T>
 struct CeArgs {
   const T* x;          // N x C logits
   const int64_t* t;    // N targets
-  T* g;                // N x C
+  T* g;                // N x C, or null (not wanted)
   T* h;                // N x C
   double* row_loss;    // N
   int64_t c, ignore_index;
@@ -63,15 +63,17 @@ OBD_ALWAYS_INLINE void ce_rows(const CeArgs<T>& a, int64_t rb, int64_t re, S* __
     const int64_t k = valid ? a.t[r] : -1;
     const S w = valid ? static_cast<S>(a.scale) : S(0);
     const S inv = S(1) / sum;
-    T* __restrict grow = a.g + r * c;
     T* __restrict hrow = a.h + r * c;
     for (int64_t j = 0; j < c; ++j) {
       const S p = e[j] * inv;
-      grow[j] = static_cast<T>(w * p);
       hrow[j] = static_cast<T>(w * p * (S(1) - p));
     }
+    if (a.g) {
+      T* __restrict grow = a.g + r * c;
+      for (int64_t j = 0; j < c; ++j) grow[j] = static_cast<T>(w * (e[j] * inv));
+      if (valid) grow[k] = static_cast<T>(w * (e[k] * inv - S(1)));
+    }
     if (valid) {
-      grow[k] = static_cast<T>(w * (e[k] * inv - S(1)));
       a.row_loss[r] = static_cast<double>(std::log(sum) + mx - static_cast<S>(row[k])) * a.scale;
     }
   }
@@ -90,12 +92,13 @@ OBD_TARGET_AVX2 void ce_rows_avx2(const CeArgs<T>& a, int64_t rb, int64_t re, S*
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_boundary_cpu(const at::Tensor& logits,
                                                                           const at::Tensor& target,
-                                                                          int64_t ignore_index, double scale) {
+                                                                          int64_t ignore_index, double scale,
+                                                                          bool want_g) {
   check_ce_args(logits, target);
   auto x = logits.contiguous();
   auto t = target.contiguous();
   const int64_t n = x.size(0), c = x.size(1);
-  auto g = at::empty_like(x);
+  auto g = want_g ? at::empty_like(x) : at::empty({0}, x.options());
   auto h = at::empty_like(x);
   std::vector<double> row_loss(n, 0.0);
   const int64_t* tp = t.const_data_ptr<int64_t>();
@@ -105,7 +108,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_boundary_cpu(const 
   dispatch_float(x.scalar_type(), [&](auto tag) {
     using T = typename decltype(tag)::type;
     using S = std::conditional_t<std::is_same_v<T, double>, double, float>;
-    const CeArgs<T> a{x.const_data_ptr<T>(), tp, g.mutable_data_ptr<T>(), h.mutable_data_ptr<T>(),
+    const CeArgs<T> a{x.const_data_ptr<T>(), tp, want_g ? g.mutable_data_ptr<T>() : nullptr, h.mutable_data_ptr<T>(),
                       row_loss.data(), c, ignore_index, scale};
     constexpr bool kWide = std::is_same_v<T, float> || std::is_same_v<T, double>;
     const bool avx2 = kWide && use_avx2();

@@ -13,16 +13,17 @@ namespace {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_boundary_cuda(const at::Tensor& logits,
                                                                            const at::Tensor& target,
-                                                                           int64_t ignore_index, double scale) {
+                                                                           int64_t ignore_index, double scale,
+                                                                           bool want_g) {
   check_ce_args(logits, target);
   c10::DeviceGuard guard(logits.device());
   auto x = logits.contiguous();
   auto t = target.contiguous();
-  auto g = at::empty_like(x);
+  auto g = want_g ? at::empty_like(x) : at::empty({0}, x.options());
   auto h = at::empty_like(x);
   auto row_loss = at::zeros({x.size(0)}, x.options().dtype(at::kDouble));
   auto bad = at::zeros({1}, x.options().dtype(at::kInt));
-  kernels::CrossEntropyParams p{x.data_ptr(), t.data_ptr<int64_t>(), g.data_ptr(), h.data_ptr(),
+  kernels::CrossEntropyParams p{x.data_ptr(), t.data_ptr<int64_t>(), want_g ? g.data_ptr() : nullptr, h.data_ptr(),
                                 row_loss.data_ptr<double>(), bad.data_ptr<int>(), x.size(0), x.size(1),
                                 ignore_index, scale, to_dtype(x.scalar_type())};
   check_cuda(kernels::launch_cross_entropy_boundary(p, current_stream(x.device())), "cross_entropy_boundary");

@@ -45,7 +45,7 @@ __global__ void __launch_bounds__(kThreads) ce_kernel(CrossEntropyParams p) {
     const S inv = S(1) / sum;
     for (int64_t j = threadIdx.x; j < p.c; j += blockDim.x) {
       const S pr = exp(static_cast<S>(load_double(p.logits, p.dtype, base + j)) - mx) * inv;
-      store_double(p.g, p.dtype, base + j, static_cast<double>(w * (pr - (j == t ? S(1) : S(0)))));
+      if (p.g) store_double(p.g, p.dtype, base + j, static_cast<double>(w * (pr - (j == t ? S(1) : S(0)))));
       store_double(p.h, p.dtype, base + j, static_cast<double>(w * pr * (S(1) - pr)));
     }
     if (threadIdx.x == 0)

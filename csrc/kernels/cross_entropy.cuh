@@ -11,7 +11,7 @@ namespace kernels {
 struct CrossEntropyParams {
   const void* logits;       // n x c, `dtype`
   const int64_t* target;    // n
-  void* g;                  // n x c, `dtype` (output)
+  void* g;                  // n x c, `dtype` (output), or nullptr (not wanted)
   void* h;                  // n x c, `dtype` (output)
   double* row_loss;         // n (output)
   int* bad_target;          // set to 1 when a target is neither ignore_index nor a class

@@ -130,8 +130,8 @@ class CurvatureAccumulator:
 
     def accumulate(self, output: Tensor, target: Tensor) -> Tensor:
         """Run the sweep from ``output`` (with its graph); returns the loss value (detached)."""
-        b: Boundary = self.boundary(output, target)
         lm = self.method == "lm"
+        b: Boundary = self.boundary(output, target, need_g=not lm)
         with torch.no_grad():
             res = sweep(output, b.g, b.h_lm if lm else b.h_obd, lm, self._names)
         for k, v in res.items():
