@@ -14,6 +14,12 @@ layers, seq 256 at vocabularies 8k and 32k) it times one batch of:
 and reports the median seconds, the ratio to fwd+bwd, and the peak extra
 memory (bytes per parameter). `--quick` shrinks every model for a smoke run.
 
+The methods of a model are timed in rounds (each round runs every method
+once) and the ratio is the median of the per-round ratios: a ratio then
+compares calls made seconds apart, so slow drifts of a shared or virtualised
+machine (page reclaim, other tenants) cancel instead of landing on one
+method's block of repeats.
+
 Usage: python bench/bench_curvature.py [--quick] [--models mlp,lenet] [--json out.json]
 """
 
@@ -21,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import time
 from typing import Callable, Dict, List, Tuple
@@ -29,7 +36,7 @@ import torch
 import torch.nn as nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import machine, peak_extra_bytes, print_table, time_call, write_json  # noqa: E402
+from common import machine, peak_extra_bytes, print_table, write_json  # noqa: E402
 
 import obd_ext  # noqa: E402
 from obd_ext.models import GPT, LeNet5, SmallResNet, mlp  # noqa: E402
@@ -97,6 +104,17 @@ def run_method(name: str, model: nn.Module, loss_fn, x, y) -> Callable[[], objec
     return lambda: obd_ext.hessian_diag(model, loss_fn, (x, y), method=name, progress=False)
 
 
+def timed_rounds(fns: Dict[str, Callable[[], object]], repeats: int) -> Dict[str, List[float]]:
+    """Seconds of every call: ``repeats`` rounds, each calling every method once, in order."""
+    times: Dict[str, List[float]] = {m: [] for m in fns}
+    for _ in range(repeats):
+        for method, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[method].append(time.perf_counter() - t0)
+    return times
+
+
 def main(argv=None) -> int:
     # No exact_rss_accounting() here: a fixed mmap threshold makes every tensor
     # allocation a fresh mapping, and the page faults would slow the sweeps
@@ -127,7 +145,9 @@ def main(argv=None) -> int:
         model = make_model()
         x, y = make_batch()
         n_params = sum(p.numel() for p in model.parameters())
-        base = None
+        fns: Dict[str, Callable[[], object]] = {}
+        once: Dict[str, float] = {}  # methods timed by their single first call
+        mems: Dict[str, object] = {}
         for method in args.methods.split(","):
             if method.startswith("bp:") and not (bp_ok and have_backpack):
                 continue
@@ -140,17 +160,26 @@ def main(argv=None) -> int:
                 fn()  # warm-up, and any error surfaces here
                 first = time.perf_counter() - t0
                 # A method that takes minutes (BackPACK's DiagHessian on convolutions) is timed once.
-                secs = first if first > args.slow_s else time_call(fn, "cpu", args.repeats, warmup=0)
-                mem = peak_extra_bytes(fn, "cpu") if first <= args.slow_s else None
+                if first > args.slow_s:
+                    once[method] = first
+                    mems[method] = None
+                else:
+                    fns[method] = fn
+                    mems[method] = peak_extra_bytes(fn, "cpu")
             except Exception as e:  # a method that cannot handle the model is reported, not fatal
                 print(f"  {case} {method}: {type(e).__name__}: {str(e)[:120]}")
-                continue
-            if method == "fwd+bwd":
-                base = secs
+        times = timed_rounds(fns, args.repeats)
+        for method in mems:
+            secs = once[method] if method in once else statistics.median(times[method])
+            ratio = None
+            if "fwd+bwd" in times and method in times:
+                ratio = statistics.median(t / b for t, b in zip(times[method], times["fwd+bwd"]))
+            elif "fwd+bwd" in times:
+                ratio = secs / statistics.median(times["fwd+bwd"])
+            mem = mems[method]
             rows.append({"model": case, "params": n_params, "method": method, "seconds": secs,
-                         "x_fwd_bwd": secs / base if base else None,
-                         "extra_bytes_per_param": None if mem is None else mem / n_params})
-            print(f"  {case:>9} {method:>16} {secs:8.4f} s  x{secs / base if base else float('nan'):.2f}", flush=True)
+                         "x_fwd_bwd": ratio, "extra_bytes_per_param": None if mem is None else mem / n_params})
+            print(f"  {case:>9} {method:>16} {secs:8.4f} s  x{ratio if ratio else float('nan'):.2f}", flush=True)
     print()
     print_table(rows, ["model", "params", "method", "seconds", "x_fwd_bwd", "extra_bytes_per_param"])
     write_json(args.json, {"machine": machine(), "results": rows})
