@@ -40,21 +40,26 @@ def _fit(t: Optional[Tensor], shape) -> Optional[Tensor]:
     return t.sum_to_size(shape)
 
 
-def sweep(output: Tensor, g_out: Optional[Tensor], h_out: Tensor, lm: bool,
+def sweep(root, output_nr: int, seed: List[Optional[Tensor]], lm: bool,
           names: Dict[int, str]) -> Dict[str, Tensor]:
-    """Back-propagate (g, H) from ``output`` to the parameters.
+    """Back-propagate (g, H) from the model output to the parameters.
 
     Args:
-        output: the model output, with its autograd graph.
-        g_out: dL/d output (needed for OBD's f'' terms; None for LM).
-        h_out: the diagonal of d2L/d output2 (the boundary condition).
+        root: the model output's ``grad_fn`` (the output tensor itself is not
+            needed, so the caller can free it: logits-sized at a large vocabulary).
+        output_nr: the output's ``output_nr``.
+        seed: ``[g_out, h_out]``: dL/d output (needed for OBD's f'' terms; None
+            for LM) and the diagonal of d2L/d output2 (the boundary condition).
+            The list is emptied, so that once the output's node has been
+            processed nothing holds these output-sized tensors.
         lm: drop the f'' terms (Levenberg-Marquardt / Gauss-Newton).
         names: id(parameter) -> name, for the parameters wanted.
 
     Returns:
         name -> curvature of that parameter (summed over its uses and the batch).
     """
-    root = output.grad_fn
+    g_out, h_out = seed
+    seed.clear()
     if root is None:
         raise ValueError("the model output has no autograd graph: does it depend on a parameter that requires grad?")
     ctx = Ctx(lm)
@@ -93,7 +98,8 @@ def sweep(output: Tensor, g_out: Optional[Tensor], h_out: Tensor, lm: bool,
             or any(child is not None and needs_g[child] for child, _ in node.next_functions))
 
     buffers: Dict[object, Dict[int, Tuple[Optional[Tensor], Optional[Tensor]]]] = {
-        root: {output.output_nr: (g_out if needs_g[root] else None, h_out)}}
+        root: {output_nr: (g_out if needs_g[root] else None, h_out)}}
+    del g_out, h_out
     results: Dict[str, Tensor] = {}
     ready: List[object] = [root]
     while ready:
