@@ -44,8 +44,13 @@ def extension():
     # -fno-trapping-math: no kernel reads floating-point exception flags, and
     # without it GCC will not if-convert the selects of csrc/cpu/vec_math.h's
     # exp/erf (it may not evaluate a multiply speculatively), so those loops
-    # would stay scalar. Results are unchanged: no reassociation, no contraction.
-    cxx = ["-O3", "-fopenmp", "-fno-trapping-math"]
+    # would stay scalar. It changes no result.
+    # -ffp-contract=off: where a compiler targets FMA (CXXFLAGS=-march=native)
+    # it would fuse a * b + c in some loops and not others, so one kernel
+    # could give different bits on different machines, or round a product
+    # differently in two passes over a row. Every CPU kernel rounds each
+    # operation, and the baseline and AVX2 copies of a loop agree bit for bit.
+    cxx = ["-O3", "-fopenmp", "-fno-trapping-math", "-ffp-contract=off"]
     define_macros = [("Py_LIMITED_API", "0x03090000")]
     if cuda:
         sources += rel(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cpp")))

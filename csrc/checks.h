@@ -180,6 +180,43 @@ inline void check_softmax_args(const at::Tensor& y, const at::Tensor& h, const c
 }
 
 // ---------------------------------------------------------------------------
+// layer_norm_hessian
+// ---------------------------------------------------------------------------
+inline void check_layer_norm_args(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& rstd,
+                                  const c10::optional<at::Tensor>& weight, const at::Tensor& h,
+                                  const c10::optional<at::Tensor>& g, bool lm, bool want_g) {
+  const char* op = "layer_norm_hessian";
+  check_float(op, "x", x);
+  TORCH_CHECK(x.dim() >= 1, "obd_ext.", op, ": x must have at least one dimension (the normalized one), got a scalar");
+  check_same_shape(op, "x", x, "h", h);
+  check_same_device(op, "x", x, "h", h);
+  TORCH_CHECK(h.scalar_type() == x.scalar_type(), "obd_ext.", op, ": x and h must have one dtype, got ",
+              x.scalar_type(), " and ", h.scalar_type());
+  const int64_t n = x.size(-1);
+  const int64_t rows = n == 0 ? 0 : x.numel() / n;
+  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"mean", mean}, {"rstd", rstd}}) {
+    check_float(op, name, t);
+    check_same_device(op, "x", x, name, t);
+    TORCH_CHECK(t.numel() == rows, "obd_ext.", op, ": ", name, " must have one entry per row of x (", rows,
+                "), got shape ", t.sizes());
+  }
+  if (weight.has_value() && weight->defined()) {
+    check_float(op, "weight", *weight);
+    check_same_device(op, "x", x, "weight", *weight);
+    TORCH_CHECK(weight->numel() == n, "obd_ext.", op, ": weight must have ", n, " entries (x's last dimension), got shape ",
+                weight->sizes());
+  }
+  const bool has_g = g.has_value() && g->defined();
+  TORCH_CHECK(has_g || (lm && !want_g), "obd_ext.", op, ": g is required unless lm=True and want_g=False");
+  if (has_g) {
+    check_same_shape(op, "x", x, "g", *g);
+    check_same_device(op, "x", x, "g", *g);
+    TORCH_CHECK(g->scalar_type() == x.scalar_type(), "obd_ext.", op, ": g must have the dtype of x (",
+                x.scalar_type(), "), got ", g->scalar_type());
+  }
+}
+
+// ---------------------------------------------------------------------------
 // cross_entropy_boundary
 // ---------------------------------------------------------------------------
 inline void check_ce_args(const at::Tensor& logits, const at::Tensor& target) {

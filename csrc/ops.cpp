@@ -57,6 +57,16 @@ TORCH_LIBRARY(obd_ext, m) {
   // g may be undefined when lm and not want_g; g_in is empty unless want_g.
   m.def("softmax_hessian(Tensor y, Tensor h, Tensor? g, bool lm, bool want_g) -> (Tensor, Tensor)");
 
+  // Curvature sweep, layer-norm rule for the input (OBD eq. 7 through
+  // y = gamma * xh + beta, xh = (x - mean) * rstd, over the last n entries of
+  // each row): the diagonal of J^T diag(h) J plus the f'' term, and g_x = J^T g,
+  // in closed form per row. x, h, g: [..., n]; mean, rstd: one per row (as
+  // native_layer_norm returns them); weight: n entries or undefined (gamma = 1).
+  // g may be undefined when lm and not want_g; g_x is empty unless want_g.
+  m.def(
+      "layer_norm_hessian(Tensor x, Tensor mean, Tensor rstd, Tensor? weight, Tensor h, Tensor? g, bool lm, "
+      "bool want_g) -> (Tensor, Tensor)");
+
   // Curvature sweep, cross-entropy boundary for logits (N x C, class dim 1)
   // and class targets (N): per row p = softmax(x), and with c = scale for
   // rows whose target != ignore_index (0 otherwise): loss = c * sum(lse - x_t),

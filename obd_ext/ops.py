@@ -17,7 +17,7 @@ from . import _C  # noqa: F401  (loads the kernels)
 from .reference import NUM_STATS, saliency_dtype
 
 __all__ = ["saliency", "group_saliency", "global_select_", "row_select_", "nm_select_", "activation_hessian",
-           "softmax_hessian", "cross_entropy_boundary", "squared_mm", "squared_conv", "column_sq_sum_"]
+           "softmax_hessian", "layer_norm_hessian", "cross_entropy_boundary", "squared_mm", "squared_conv", "column_sq_sum_"]
 
 _ops = torch.ops.obd_ext
 
@@ -67,6 +67,12 @@ def activation_hessian(saved: Tensor, h: Tensor, g: Optional[Tensor], kind: int,
 def softmax_hessian(y: Tensor, h: Tensor, g: Optional[Tensor], lm: bool, want_g: bool) -> tuple:
     """(h_in, g_in) of the softmax rule over the last dimension; see the schema in csrc/ops.cpp."""
     return _ops.softmax_hessian.default(y, h, g, lm, want_g)
+
+
+def layer_norm_hessian(x: Tensor, mean: Tensor, rstd: Tensor, weight: Optional[Tensor], h: Tensor,
+                       g: Optional[Tensor], lm: bool, want_g: bool) -> tuple:
+    """(h_x, g_x) of the layer-norm rule for the input; see the schema in csrc/ops.cpp."""
+    return _ops.layer_norm_hessian.default(x, mean, rstd, weight, h, g, lm, want_g)
 
 
 def cross_entropy_boundary(logits: Tensor, target: Tensor, ignore_index: int, scale: float,
@@ -154,6 +160,15 @@ def _softmax_hessian_fake(y, h, g, lm, want_g):
     _check_one_device("softmax_hessian", y, h, g)
     torch._check(y.dim() >= 1, lambda: "obd_ext.softmax_hessian: y must have at least one dimension")
     torch._check(y.shape == h.shape, lambda: "obd_ext.softmax_hessian: y and h shapes differ")
+    return torch.empty_like(h, memory_format=torch.contiguous_format), (
+        torch.empty_like(h, memory_format=torch.contiguous_format) if want_g else h.new_empty(0))
+
+
+@torch.library.register_fake("obd_ext::layer_norm_hessian")
+def _layer_norm_hessian_fake(x, mean, rstd, weight, h, g, lm, want_g):
+    _check_one_device("layer_norm_hessian", x, mean, rstd, weight, h, g)
+    torch._check(x.dim() >= 1, lambda: "obd_ext.layer_norm_hessian: x must have at least one dimension")
+    torch._check(x.shape == h.shape, lambda: "obd_ext.layer_norm_hessian: x and h shapes differ")
     return torch.empty_like(h, memory_format=torch.contiguous_format), (
         torch.empty_like(h, memory_format=torch.contiguous_format) if want_g else h.new_empty(0))
 

@@ -28,6 +28,7 @@ __all__ = [
     "activation_hessian",
     "cross_entropy_boundary",
     "softmax_hessian",
+    "layer_norm_hessian",
     "squared_mm",
     "column_sq_sum",
     "squared_conv",
@@ -296,6 +297,36 @@ def softmax_hessian(y: Tensor, h: Tensor, g: Optional[Tensor], lm: bool, want_g:
         if want_g:
             g_in = (-yy * d).to(h.dtype)
     return h_in.to(h.dtype), g_in
+
+
+def layer_norm_hessian(x: Tensor, mean: Tensor, rstd: Tensor, weight: Optional[Tensor], h: Tensor,
+                       g: Optional[Tensor], lm: bool, want_g: bool) -> tuple[Tensor, Tensor]:
+    """The layer-norm rule for the input over the last dimension (n entries), in
+    fp32/fp64. With xh = (x - mean) rstd, A = gamma^2 h, a = gamma g and per-row
+    sums S0 = sum A, S1 = sum A xh, S2 = sum A xh^2, Sa = sum a, B = sum a xh:
+    ``h_x = rstd^2 (S0/n^2 + A (1 - 2/n) + 2 xh S1/n^2 + xh^2 S2/n^2 - 2 xh^2 A/n)``
+    plus, unless lm, ``rstd^2 (-2 a xh/n + 2 Sa xh/n^2 - B (1 - 1/n)/n + 3 B xh^2/n^2)``;
+    ``g_x = rstd (a - Sa/n - xh B/n)``."""
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    n = x.shape[-1]
+    rows = x.shape[:-1] + (1,)
+    xx, hh = x.to(acc), h.to(acc)
+    mu, rs = mean.to(acc).reshape(rows), rstd.to(acc).reshape(rows)
+    gamma = weight.to(acc) if weight is not None else torch.ones(n, dtype=acc, device=x.device)
+    xh = (xx - mu) * rs
+    r2 = rs * rs
+    A = gamma * gamma * hh
+    S0, S1, S2 = A.sum(-1, keepdim=True), (A * xh).sum(-1, keepdim=True), (A * xh * xh).sum(-1, keepdim=True)
+    h_x = r2 * (S0 / n**2 + A * (1 - 2 / n) + 2 * xh * S1 / n**2 + xh * xh * S2 / n**2 - 2 * xh * xh * A / n)
+    g_x = h.new_empty(0)
+    if g is not None and (want_g or not lm):
+        a = gamma * g.to(acc)
+        Sa, B = a.sum(-1, keepdim=True), (a * xh).sum(-1, keepdim=True)
+        if not lm:
+            h_x = h_x + r2 * (-2 * a * xh / n + 2 * Sa * xh / n**2 - B * (1 - 1 / n) / n + 3 * B * xh * xh / n**2)
+        if want_g:
+            g_x = (rs * (a - Sa / n - xh * B / n)).to(h.dtype)
+    return h_x.to(h.dtype), g_x
 
 
 def cross_entropy_boundary(logits: Tensor, target: Tensor, ignore_index: int, scale: float, want_g: bool = True):

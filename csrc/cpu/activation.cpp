@@ -50,7 +50,7 @@ void act_range_baseline(const ActArgs<T, S>& a, int64_t b, int64_t e) {
   act_range<K, T, S, UseG, WantG>(a, b, e);
 }
 
-// The same loop compiled for AVX2+FMA (8 floats per instruction), run where
+// The same loop compiled for AVX2 (8 floats per instruction), run where
 // the CPU has them (use_avx2()). float and double only: half types convert
 // element by element either way.
 template <int K, typename T, typename S, bool UseG, bool WantG>

@@ -85,7 +85,7 @@ void ce_rows_baseline(const CeArgs<T>& a, int64_t rb, int64_t re, S* e) {
   ce_rows<T, S>(a, rb, re, e);
 }
 
-// The same rows compiled for AVX2+FMA, run where the CPU has them.
+// The same rows compiled for AVX2, run where the CPU has them.
 template <typename T, typename S>
 OBD_TARGET_AVX2 void ce_rows_avx2(const CeArgs<T>& a, int64_t rb, int64_t re, S* e) {
   ce_rows<T, S>(a, rb, re, e);

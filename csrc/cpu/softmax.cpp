@@ -79,7 +79,7 @@ void softmax_rows_baseline(const SoftmaxArgs<T>& a, int64_t rb, int64_t re) {
   softmax_rows<T, S, UseG, WantG>(a, rb, re);
 }
 
-// The same rows compiled for AVX2+FMA, run where the CPU has them.
+// The same rows compiled for AVX2, run where the CPU has them.
 template <typename T, typename S, bool UseG, bool WantG>
 OBD_TARGET_AVX2 void softmax_rows_avx2(const SoftmaxArgs<T>& a, int64_t rb, int64_t re) {
   softmax_rows<T, S, UseG, WantG>(a, rb, re);

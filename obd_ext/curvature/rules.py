@@ -335,48 +335,39 @@ def softmax(node, g: Grads, h: Grads, ctx: Ctx):
 
 
 def layer_norm(node, g: Grads, h: Grads, ctx: Ctx):
-    """Closed forms per row (O(n)): the diagonal of J^T diag(H) J plus the f'' term."""
+    """Closed forms per row (O(n)): the diagonal of J^T diag(H) J plus the f'' term,
+    in one fused kernel for the input (ops.layer_norm_hessian; the formulas are in
+    reference.layer_norm_hessian)."""
     x = node._saved_input
     mu, rstd = node._saved_result1, node._saved_result2
     weight, bias = node._saved_weight, node._saved_bias
     nshape = node._saved_normalized_shape
     k = len(nshape)
-    dims = tuple(range(x.dim() - k, x.dim()))
     n = math.prod(int(s) for s in nshape)
-    mu = mu.reshape(mu.shape + (1,) * (x.dim() - mu.dim())) if mu.dim() < x.dim() else mu
-    rstd = rstd.reshape(rstd.shape + (1,) * (x.dim() - rstd.dim())) if rstd.dim() < x.dim() else rstd
-    xh = (x - mu) * rstd
-    gamma = weight if weight is not None else torch.ones(nshape, dtype=x.dtype, device=x.device)
     n_x, n_w, n_b = _needs(node)
     hh = h[0]
-    xh2 = xh * xh
     h_x = g_x = None
     if n_x:
-        # h_x = r2 ((S0 + 2 xh S1 + xh^2 S2) / n^2 + A (1 - 2 (1 + xh^2) / n)) with per-row
-        # sums S0, S1, S2 of A, A xh, A xh^2, written as fused multiply-adds with per-row
-        # factors (about half the passes over the activations of the plain expression).
-        A = (gamma * gamma) * hh
-        Ax = A * xh
-        S0 = A.sum(dims, keepdim=True)
-        S1 = Ax.sum(dims, keepdim=True)
-        S2 = (Ax * xh).sum(dims, keepdim=True)
-        r2 = rstd * rstd
-        h_x = torch.add(S0 / (n * n), A, alpha=1 - 2.0 / n)
-        h_x.addcmul_(xh, S1, value=2.0 / (n * n)).addcmul_(xh2, S2 / (n * n)).addcmul_(xh2, A, value=-2.0 / n)
-        h_x.mul_(r2)
-        if g[0] is not None and not ctx.lm:
-            # the f'' term: - (r2 / n) (2 xh (a - Asum / n) + B (1 - 1 / n - 3 xh^2 / n)), a = g gamma
-            a = g[0] * gamma
-            axh = a * xh
-            Asum = a.sum(dims, keepdim=True)
-            B = axh.sum(dims, keepdim=True)
-            h_x.addcmul_(axh, r2, value=-2.0 / n).addcmul_(xh, r2 * Asum, value=2.0 / (n * n))
-            h_x.add_(r2 * B, alpha=-(1 - 1.0 / n) / n).addcmul_(xh2, r2 * B, value=3.0 / (n * n))
-            if ctx.wants(0):  # rstd (a - Asum / n - xh B / n)
-                g_x = torch.addcmul(rstd * Asum / -n, a, rstd).addcmul_(xh, rstd * B, value=-1.0 / n)
+        use_g = g[0] is not None and not ctx.lm
+        want_g = use_g and ctx.wants(0)
+        rows = x.shape[: x.dim() - k] + (n,)  # the normalized dims as one: the kernel's rows
+
+        def flat(t: Tensor) -> Tensor:
+            return t.to(x.dtype).reshape(rows)
+
+        h_x, g_x = ops.layer_norm_hessian(flat(x), mu, rstd, None if weight is None else weight.reshape(n), flat(hh),
+                                          flat(g[0]) if use_g else None, not use_g, want_g)
+        h_x = h_x.reshape(x.shape)
+        g_x = g_x.reshape(x.shape) if want_g else None
     batch_dims = tuple(range(x.dim() - k))
-    h_w = (xh2 * hh).sum(batch_dims) if n_w and weight is not None else None
-    h_b = hh.sum(batch_dims) if n_b and bias is not None else None
+    h_w = h_b = None
+    if n_w and weight is not None:
+        mu_ = mu.reshape(mu.shape + (1,) * (x.dim() - mu.dim())) if mu.dim() < x.dim() else mu
+        rstd_ = rstd.reshape(rstd.shape + (1,) * (x.dim() - rstd.dim())) if rstd.dim() < x.dim() else rstd
+        xh = (x - mu_) * rstd_
+        h_w = (xh * xh * hh).sum(batch_dims)
+    if n_b and bias is not None:
+        h_b = hh.sum(batch_dims)
     return (g_x, None, None), (h_x, h_w, h_b)
 
 
