@@ -17,7 +17,8 @@ from . import _C  # noqa: F401  (loads the kernels)
 from .reference import NUM_STATS, saliency_dtype
 
 __all__ = ["saliency", "group_saliency", "global_select_", "row_select_", "nm_select_", "activation_hessian",
-           "softmax_hessian", "layer_norm_hessian", "cross_entropy_boundary", "squared_mm", "squared_conv", "column_sq_sum_"]
+           "softmax_hessian", "layer_norm_hessian", "cross_entropy_boundary", "squared_mm", "squared_conv",
+           "column_sq_sum_"]
 
 _ops = torch.ops.obd_ext
 

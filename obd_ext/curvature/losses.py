@@ -3,12 +3,12 @@ diagonal of its Hessian with respect to the model output (EQUATIONS.md,
 "Losses").
 
 Each rule returns ``(loss, g, h_obd, h_lm)`` for a model output ``y``:
-``g = dL/dy`` (None where the caller says it needs no gradient and it would
-cost a logits-sized pass: cross-entropy under ``lm``), ``h_obd`` the diagonal of ``d2L/dy2`` and ``h_lm`` its
-Gauss-Newton counterpart (the same for the losses below, whose Hessian with
-respect to the output is PSD). Every quantity is computed elementwise or per
-row, so the cost never grows beyond that of the loss itself (no C x C
-matrices, whatever the vocabulary).
+``g = dL/dy`` (None where the caller needs no gradient and it would cost a
+logits-sized pass: cross-entropy under ``lm``), ``h_obd`` the diagonal of
+``d2L/dy2`` and ``h_lm`` its Gauss-Newton counterpart (the same for the losses
+below, whose Hessian with respect to the output is PSD). Every quantity is
+computed elementwise or per row, so the cost never grows beyond that of the
+loss itself (no C x C matrices, whatever the vocabulary).
 
 A squashing function before the loss (eq. 8: tanh then MSE) needs no rule of
 its own: the sweep's elementwise rule adds its ``f''`` term.
@@ -80,7 +80,8 @@ def cross_entropy(y: Tensor, target: Tensor, reduction: str = "mean", ignore_ind
     loss, g, h = ops.cross_entropy_boundary(rows, t, ignore_index, c, need_g)
     if y.dim() != 2:  # back to (N, C, d...)
         shape = y.movedim(1, -1).shape
-        g, h = g.reshape(shape).movedim(-1, 1) if need_g else g, h.reshape(shape).movedim(-1, 1)
+        h = h.reshape(shape).movedim(-1, 1)
+        g = g.reshape(shape).movedim(-1, 1) if need_g else g
     return Boundary(loss, g if need_g else None, h, h, c)
 
 
