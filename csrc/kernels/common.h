@@ -211,6 +211,15 @@ __device__ __forceinline__ void delete_entry(void* w, Dtype wd, uint8_t* mask, i
 
 // Launch geometry shared by the kernels.
 constexpr int kThreads = 256;
+constexpr int kWarp = 32;
+
+// Sum over the 32 lanes of a warp (every lane gets it): the row reductions of
+// the kernels that give one warp to each row.
+template <typename S>
+__device__ __forceinline__ S warp_sum(S v) {
+  for (int o = kWarp / 2; o > 0; o /= 2) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
 
 inline int grid_for(int64_t work_items, int per_block, int max_blocks = 65535 * 4) {
   int64_t b = (work_items + per_block - 1) / per_block;

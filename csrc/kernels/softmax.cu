@@ -7,14 +7,6 @@ namespace obd {
 namespace kernels {
 namespace {
 
-constexpr int kWarp = 32;
-
-template <typename S>
-__device__ __forceinline__ S warp_sum(S v) {
-  for (int o = kWarp / 2; o > 0; o /= 2) v += __shfl_xor_sync(0xffffffffu, v, o);
-  return v;
-}
-
 template <typename S>
 __global__ void __launch_bounds__(kThreads) softmax_kernel(SoftmaxParams p) {
   const int lane = threadIdx.x % kWarp;
