@@ -167,7 +167,7 @@ class TwoFullBiases(nn.Module):
         return x @ self.w + self.b1 + self.b2
 
 
-@pytest.mark.parametrize("batches", [1, 2])
+@pytest.mark.parametrize("batches", [1, 2, 3])
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 def test_hessian_diag_hands_over_sums_without_aliasing(batches, reduction):
     """hessian_diag returns the accumulator's sums without a copy: shared sums are

@@ -126,6 +126,7 @@ class CurvatureAccumulator:
         self.params = _selected(model, params)
         self._names = {id(v): k for k, v in self.params.items()}
         self._sum: Dict[str, Tensor] = {}
+        self._owned: set = set()  # names whose running sum this accumulator allocated (safe to add into)
         self.batches = 0
 
     def accumulate(self, output: Tensor, target: Tensor) -> Tensor:
@@ -142,7 +143,13 @@ class CurvatureAccumulator:
         with torch.no_grad():
             res = sweep(root, nr, seed, lm, self._names)
         for k, v in res.items():
-            self._sum[k] = v if k not in self._sum else self._sum[k] + v
+            if k not in self._sum:
+                self._sum[k] = v  # the sweep's tensor: it may be shared (e.g. two biases of one sum)
+            elif k in self._owned:
+                self._sum[k].add_(v)  # no model-sized allocation per batch
+            else:
+                self._sum[k] = self._sum[k] + v
+                self._owned.add(k)
         self.batches += 1
         return loss
 
@@ -166,6 +173,7 @@ class CurvatureAccumulator:
         storages = set()
         for k, p in self.params.items():
             v = self._sum.pop(k, None)
+            self._owned.discard(k)
             if v is None:
                 v = torch.zeros_like(p)
             elif v.untyped_storage().data_ptr() in storages:
