@@ -1,10 +1,10 @@
-"""The vectorisable float exp/erf/tanh of csrc/cpu/vec_math.h against double libm.
+"""The vectorisable float exp/erfc/tanh of csrc/cpu/vec_math.h against double libm.
 
 The header is torch-free, so tests/vec_math_check.cpp includes it directly; it
 is compiled with the extension's floating-point flags, for baseline x86-64 and
 for AVX2 (the two copies of every fused loop), and must meet the accuracy the
 header states: exp within 1 ulp (denormals within one unit of the smallest),
-erf within 2e-7 and tanh within 1.2e-7 absolute, libm's special values.
+erfc within 6e-7 and tanh within 1.2e-7 absolute, libm's special values.
 """
 
 import platform
@@ -31,6 +31,6 @@ def test_accuracy_and_special_values(tmp_path, target):
     got = {k: float(v) for k, v in (line.split() for line in out.strip().splitlines())}
     assert got["exp_ulp"] <= 1.0, got
     assert got["exp_denormal"] <= 1.0, got
-    assert got["erf_abs"] <= 2e-7, got
+    assert got["erfc_abs"] <= 6e-7, got
     assert got["tanh_abs"] <= 1.2e-7, got
     assert got["special"] == 1.0, got

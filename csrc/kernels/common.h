@@ -272,8 +272,8 @@ struct StdMath {
     return OBD_MATH(exp)(x);
   }
   template <typename S>
-  OBD_HOST_DEVICE static S erf(S x) {
-    return OBD_MATH(erf)(x);
+  OBD_HOST_DEVICE static S erfc(S x) {
+    return OBD_MATH(erfc)(x);
   }
   template <typename S>
   OBD_HOST_DEVICE static S tanh(S x) {
@@ -304,7 +304,7 @@ OBD_HOST_DEVICE void act_derivs_k(S v, S p0, S p1, S p2, S* d1, S* d2) {
     *d2 = v > zero ? zero : neg * p2;
   } else if constexpr (K == kActGelu) {
     const S pdf = M::exp(S(-0.5) * v * v) * S(0.3989422804014327);  // 1/sqrt(2 pi)
-    const S cdf = S(0.5) * (one + M::erf(v * S(0.7071067811865476)));
+    const S cdf = S(0.5) * M::erfc(v * S(-0.7071067811865476));  // Phi(v), its lower tail without cancellation
     *d1 = cdf + v * pdf;
     *d2 = pdf * (S(2) - v * v);
   } else if constexpr (K == kActGeluTanh) {
