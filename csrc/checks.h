@@ -133,6 +133,20 @@ inline GroupShape group_shape(const at::Tensor& w, int64_t dim) {
   return g;
 }
 
+// The first-order gradient a sweep rule receives (activation, softmax, layer
+// norm): needed unless the rule drops the f'' term (lm) and returns no
+// gradient; then of the reference tensor's shape, device and dtype.
+inline void check_rule_gradient(const char* op, const char* ref_name, const at::Tensor& ref,
+                                const c10::optional<at::Tensor>& g, bool lm, bool want_g) {
+  const bool has_g = g.has_value() && g->defined();
+  TORCH_CHECK(has_g || (lm && !want_g), "obd_ext.", op, ": g is required unless lm=True and want_g=False");
+  if (!has_g) return;
+  check_same_shape(op, ref_name, ref, "g", *g);
+  check_same_device(op, ref_name, ref, "g", *g);
+  TORCH_CHECK(g->scalar_type() == ref.scalar_type(), "obd_ext.", op, ": g must have the dtype of ", ref_name, " (",
+              ref.scalar_type(), "), got ", g->scalar_type());
+}
+
 // ---------------------------------------------------------------------------
 // activation_hessian
 // ---------------------------------------------------------------------------
@@ -147,14 +161,7 @@ inline void check_activation_args(const at::Tensor& saved, const at::Tensor& h, 
   check_same_device(op, "saved", saved, "h", h);
   TORCH_CHECK(saved.scalar_type() == h.scalar_type(), "obd_ext.", op, ": saved and h must have one dtype, got ",
               saved.scalar_type(), " and ", h.scalar_type());
-  const bool has_g = g.has_value() && g->defined();
-  TORCH_CHECK(has_g || (lm && !want_g), "obd_ext.", op, ": g is required unless lm=True and want_g=False");
-  if (has_g) {
-    check_same_shape(op, "saved", saved, "g", *g);
-    check_same_device(op, "saved", saved, "g", *g);
-    TORCH_CHECK(g->scalar_type() == h.scalar_type(), "obd_ext.", op, ": g must have the dtype of h (",
-                h.scalar_type(), "), got ", g->scalar_type());
-  }
+  check_rule_gradient(op, "saved", saved, g, lm, want_g);
 }
 
 // ---------------------------------------------------------------------------
@@ -169,14 +176,7 @@ inline void check_softmax_args(const at::Tensor& y, const at::Tensor& h, const c
   check_same_device(op, "y", y, "h", h);
   TORCH_CHECK(h.scalar_type() == y.scalar_type(), "obd_ext.", op, ": y and h must have one dtype, got ",
               y.scalar_type(), " and ", h.scalar_type());
-  const bool has_g = g.has_value() && g->defined();
-  TORCH_CHECK(has_g || (lm && !want_g), "obd_ext.", op, ": g is required unless lm=True and want_g=False");
-  if (has_g) {
-    check_same_shape(op, "y", y, "g", *g);
-    check_same_device(op, "y", y, "g", *g);
-    TORCH_CHECK(g->scalar_type() == y.scalar_type(), "obd_ext.", op, ": g must have the dtype of y (",
-                y.scalar_type(), "), got ", g->scalar_type());
-  }
+  check_rule_gradient(op, "y", y, g, lm, want_g);
 }
 
 // ---------------------------------------------------------------------------
@@ -206,14 +206,7 @@ inline void check_layer_norm_args(const at::Tensor& x, const at::Tensor& mean, c
     TORCH_CHECK(weight->numel() == n, "obd_ext.", op, ": weight must have ", n, " entries (x's last dimension), got shape ",
                 weight->sizes());
   }
-  const bool has_g = g.has_value() && g->defined();
-  TORCH_CHECK(has_g || (lm && !want_g), "obd_ext.", op, ": g is required unless lm=True and want_g=False");
-  if (has_g) {
-    check_same_shape(op, "x", x, "g", *g);
-    check_same_device(op, "x", x, "g", *g);
-    TORCH_CHECK(g->scalar_type() == x.scalar_type(), "obd_ext.", op, ": g must have the dtype of x (",
-                x.scalar_type(), "), got ", g->scalar_type());
-  }
+  check_rule_gradient(op, "x", x, g, lm, want_g);
 }
 
 // ---------------------------------------------------------------------------
