@@ -133,11 +133,17 @@ inline GroupShape group_shape(const at::Tensor& w, int64_t dim) {
   return g;
 }
 
-// The first-order gradient a sweep rule receives (activation, softmax, layer
-// norm): needed unless the rule drops the f'' term (lm) and returns no
-// gradient; then of the reference tensor's shape, device and dtype.
-inline void check_rule_gradient(const char* op, const char* ref_name, const at::Tensor& ref,
-                                const c10::optional<at::Tensor>& g, bool lm, bool want_g) {
+// What every elementwise or per-row rule of the sweep receives (activation,
+// softmax, layer norm): the forward tensor it reads (`ref`), h of its shape,
+// device and dtype, and the first-order gradient g, needed unless the rule
+// drops the f'' term (lm) and returns no gradient, and then like h.
+inline void check_rule_tensors(const char* op, const char* ref_name, const at::Tensor& ref, const at::Tensor& h,
+                               const c10::optional<at::Tensor>& g, bool lm, bool want_g) {
+  check_float(op, ref_name, ref);
+  check_same_shape(op, ref_name, ref, "h", h);
+  check_same_device(op, ref_name, ref, "h", h);
+  TORCH_CHECK(h.scalar_type() == ref.scalar_type(), "obd_ext.", op, ": ", ref_name, " and h must have one dtype, got ",
+              ref.scalar_type(), " and ", h.scalar_type());
   const bool has_g = g.has_value() && g->defined();
   TORCH_CHECK(has_g || (lm && !want_g), "obd_ext.", op, ": g is required unless lm=True and want_g=False");
   if (!has_g) return;
@@ -155,13 +161,7 @@ inline void check_activation_args(const at::Tensor& saved, const at::Tensor& h, 
   const char* op = "activation_hessian";
   TORCH_CHECK(kind >= 0 && kind < kNumActKinds, "obd_ext.", op, ": kind must be in [0, ", int(kNumActKinds),
               "), got ", kind);
-  check_float(op, "saved", saved);
-  check_float(op, "h", h);
-  check_same_shape(op, "saved", saved, "h", h);
-  check_same_device(op, "saved", saved, "h", h);
-  TORCH_CHECK(saved.scalar_type() == h.scalar_type(), "obd_ext.", op, ": saved and h must have one dtype, got ",
-              saved.scalar_type(), " and ", h.scalar_type());
-  check_rule_gradient(op, "saved", saved, g, lm, want_g);
+  check_rule_tensors(op, "saved", saved, h, g, lm, want_g);
 }
 
 // ---------------------------------------------------------------------------
@@ -170,13 +170,8 @@ inline void check_activation_args(const at::Tensor& saved, const at::Tensor& h, 
 inline void check_softmax_args(const at::Tensor& y, const at::Tensor& h, const c10::optional<at::Tensor>& g,
                                bool lm, bool want_g) {
   const char* op = "softmax_hessian";
-  check_float(op, "y", y);
+  check_rule_tensors(op, "y", y, h, g, lm, want_g);
   TORCH_CHECK(y.dim() >= 1, "obd_ext.", op, ": y must have at least one dimension (the softmax's), got a scalar");
-  check_same_shape(op, "y", y, "h", h);
-  check_same_device(op, "y", y, "h", h);
-  TORCH_CHECK(h.scalar_type() == y.scalar_type(), "obd_ext.", op, ": y and h must have one dtype, got ",
-              y.scalar_type(), " and ", h.scalar_type());
-  check_rule_gradient(op, "y", y, g, lm, want_g);
 }
 
 // ---------------------------------------------------------------------------
@@ -186,12 +181,8 @@ inline void check_layer_norm_args(const at::Tensor& x, const at::Tensor& mean, c
                                   const c10::optional<at::Tensor>& weight, const at::Tensor& h,
                                   const c10::optional<at::Tensor>& g, bool lm, bool want_g) {
   const char* op = "layer_norm_hessian";
-  check_float(op, "x", x);
+  check_rule_tensors(op, "x", x, h, g, lm, want_g);
   TORCH_CHECK(x.dim() >= 1, "obd_ext.", op, ": x must have at least one dimension (the normalized one), got a scalar");
-  check_same_shape(op, "x", x, "h", h);
-  check_same_device(op, "x", x, "h", h);
-  TORCH_CHECK(h.scalar_type() == x.scalar_type(), "obd_ext.", op, ": x and h must have one dtype, got ",
-              x.scalar_type(), " and ", h.scalar_type());
   const int64_t n = x.size(-1);
   const int64_t rows = n == 0 ? 0 : x.numel() / n;
   for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"mean", mean}, {"rstd", rstd}}) {
@@ -206,7 +197,6 @@ inline void check_layer_norm_args(const at::Tensor& x, const at::Tensor& mean, c
     TORCH_CHECK(weight->numel() == n, "obd_ext.", op, ": weight must have ", n, " entries (x's last dimension), got shape ",
                 weight->sizes());
   }
-  check_rule_gradient(op, "x", x, g, lm, want_g);
 }
 
 // ---------------------------------------------------------------------------

@@ -46,26 +46,9 @@ OBD_ALWAYS_INLINE void act_range(const ActArgs<T, S>& a, int64_t b, int64_t e) {
 }
 
 template <int K, typename T, typename S, bool UseG, bool WantG>
-void act_range_baseline(const ActArgs<T, S>& a, int64_t b, int64_t e) {
-  act_range<K, T, S, UseG, WantG>(a, b, e);
-}
-
-// The same loop compiled for AVX2 (8 floats per instruction), run where
-// the CPU has them (use_avx2()). float and double only: half types convert
-// element by element either way.
-template <int K, typename T, typename S, bool UseG, bool WantG>
-OBD_TARGET_AVX2 void act_range_avx2(const ActArgs<T, S>& a, int64_t b, int64_t e) {
-  act_range<K, T, S, UseG, WantG>(a, b, e);
-}
-
-template <int K, typename T, typename S, bool UseG, bool WantG>
 void act_run(const ActArgs<T, S>& a, int64_t n) {
-  constexpr bool kWide = std::is_same_v<T, float> || std::is_same_v<T, double>;
-  const bool avx2 = kWide && use_avx2();
-  at::parallel_for(0, n, 1 << 14, [&](int64_t b, int64_t e) {
-    if (avx2) act_range_avx2<K, T, S, UseG, WantG>(a, b, e);
-    else act_range_baseline<K, T, S, UseG, WantG>(a, b, e);
-  });
+  parallel_for_simd<T>(n, 1 << 14,
+                       [&](int64_t b, int64_t e) OBD_INLINE_LAMBDA { act_range<K, T, S, UseG, WantG>(a, b, e); });
 }
 
 std::tuple<at::Tensor, at::Tensor> activation_hessian_cpu(const at::Tensor& saved, const at::Tensor& h,

@@ -80,17 +80,6 @@ OBD_ALWAYS_INLINE void ce_rows(const CeArgs<T>& a, int64_t rb, int64_t re, S* __
   }
 }
 
-template <typename T, typename S>
-void ce_rows_baseline(const CeArgs<T>& a, int64_t rb, int64_t re, S* e) {
-  ce_rows<T, S>(a, rb, re, e);
-}
-
-// The same rows compiled for AVX2, run where the CPU has them.
-template <typename T, typename S>
-OBD_TARGET_AVX2 void ce_rows_avx2(const CeArgs<T>& a, int64_t rb, int64_t re, S* e) {
-  ce_rows<T, S>(a, rb, re, e);
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_boundary_cpu(const at::Tensor& logits,
                                                                           const at::Tensor& target,
                                                                           int64_t ignore_index, double scale,
@@ -111,12 +100,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_boundary_cpu(const 
     using S = std::conditional_t<std::is_same_v<T, double>, double, float>;
     const CeArgs<T> a{x.const_data_ptr<T>(), tp, want_g ? g.mutable_data_ptr<T>() : nullptr, h.mutable_data_ptr<T>(),
                       row_loss.data(), c, ignore_index, scale};
-    constexpr bool kWide = std::is_same_v<T, float> || std::is_same_v<T, double>;
-    const bool avx2 = kWide && use_avx2();
-    at::parallel_for(0, n, 1, [&](int64_t rb, int64_t re) {
+    parallel_for_simd<T>(n, 1, [&](int64_t rb, int64_t re) OBD_INLINE_LAMBDA {
       std::vector<S> e(c);  // exp(x - max) of one row
-      if (avx2) ce_rows_avx2<T, S>(a, rb, re, e.data());
-      else ce_rows_baseline<T, S>(a, rb, re, e.data());
+      ce_rows<T, S>(a, rb, re, e.data());
     });
   });
   double loss = 0.0;

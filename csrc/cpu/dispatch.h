@@ -6,9 +6,13 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include <ATen/Parallel.h>
+
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
+
+#include "vec_math.h"
 
 namespace obd {
 namespace cpu {
@@ -58,6 +62,31 @@ template <typename T>
 inline bool finite_value(T v) {
   if constexpr (std::is_same_v<T, double>) return finite_bits(v);
   else return finite_bits(static_cast<float>(v));
+}
+
+// The baseline and the AVX2 copy of one chunk of a fused loop: `body` is
+// inlined into each (it must be an OBD_INLINE_LAMBDA calling always-inline
+// code), so its loops are compiled once per instruction set.
+template <typename Body>
+void run_chunk_baseline(const Body& body, int64_t begin, int64_t end) {
+  body(begin, end);
+}
+template <typename Body>
+OBD_TARGET_AVX2 void run_chunk_avx2(const Body& body, int64_t begin, int64_t end) {
+  body(begin, end);
+}
+
+// at::parallel_for over [0, n) whose chunks run from the AVX2 copy where the
+// CPU has it (use_avx2()). Only float and double element types T take it:
+// half types convert element by element either way.
+template <typename T, typename Body>
+void parallel_for_simd(int64_t n, int64_t grain, const Body& body) {
+  constexpr bool kWide = std::is_same_v<T, float> || std::is_same_v<T, double>;
+  const bool avx2 = kWide && use_avx2();
+  at::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) {
+    if (avx2) run_chunk_avx2(body, begin, end);
+    else run_chunk_baseline(body, begin, end);
+  });
 }
 
 }  // namespace cpu

@@ -97,24 +97,10 @@ OBD_ALWAYS_INLINE void layer_norm_rows(const LayerNormArgs<T, S>& a, int64_t rb,
 }
 
 template <typename T, typename S, bool UseG, bool WantG>
-void layer_norm_rows_baseline(const LayerNormArgs<T, S>& a, int64_t rb, int64_t re) {
-  layer_norm_rows<T, S, UseG, WantG>(a, rb, re);
-}
-
-// The same rows compiled for AVX2, run where the CPU has them.
-template <typename T, typename S, bool UseG, bool WantG>
-OBD_TARGET_AVX2 void layer_norm_rows_avx2(const LayerNormArgs<T, S>& a, int64_t rb, int64_t re) {
-  layer_norm_rows<T, S, UseG, WantG>(a, rb, re);
-}
-
-template <typename T, typename S, bool UseG, bool WantG>
 void layer_norm_run(const LayerNormArgs<T, S>& a, int64_t rows) {
-  constexpr bool kWide = std::is_same_v<T, float> || std::is_same_v<T, double>;
-  const bool avx2 = kWide && use_avx2();
   const int64_t grain = std::max<int64_t>(1, (1 << 14) / std::max<int64_t>(a.n, 1));
-  at::parallel_for(0, rows, grain, [&](int64_t rb, int64_t re) {
-    if (avx2) layer_norm_rows_avx2<T, S, UseG, WantG>(a, rb, re);
-    else layer_norm_rows_baseline<T, S, UseG, WantG>(a, rb, re);
+  parallel_for_simd<T>(rows, grain, [&](int64_t rb, int64_t re) OBD_INLINE_LAMBDA {
+    layer_norm_rows<T, S, UseG, WantG>(a, rb, re);
   });
 }
 

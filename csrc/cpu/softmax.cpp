@@ -75,25 +75,10 @@ OBD_ALWAYS_INLINE void softmax_rows(const SoftmaxArgs<T>& a, int64_t rb, int64_t
 }
 
 template <typename T, typename S, bool UseG, bool WantG>
-void softmax_rows_baseline(const SoftmaxArgs<T>& a, int64_t rb, int64_t re) {
-  softmax_rows<T, S, UseG, WantG>(a, rb, re);
-}
-
-// The same rows compiled for AVX2, run where the CPU has them.
-template <typename T, typename S, bool UseG, bool WantG>
-OBD_TARGET_AVX2 void softmax_rows_avx2(const SoftmaxArgs<T>& a, int64_t rb, int64_t re) {
-  softmax_rows<T, S, UseG, WantG>(a, rb, re);
-}
-
-template <typename T, typename S, bool UseG, bool WantG>
 void softmax_run(const SoftmaxArgs<T>& a, int64_t rows) {
-  constexpr bool kWide = std::is_same_v<T, float> || std::is_same_v<T, double>;
-  const bool avx2 = kWide && use_avx2();
   const int64_t grain = std::max<int64_t>(1, (1 << 14) / std::max<int64_t>(a.n, 1));
-  at::parallel_for(0, rows, grain, [&](int64_t rb, int64_t re) {
-    if (avx2) softmax_rows_avx2<T, S, UseG, WantG>(a, rb, re);
-    else softmax_rows_baseline<T, S, UseG, WantG>(a, rb, re);
-  });
+  parallel_for_simd<T>(rows, grain,
+                       [&](int64_t rb, int64_t re) OBD_INLINE_LAMBDA { softmax_rows<T, S, UseG, WantG>(a, rb, re); });
 }
 
 std::tuple<at::Tensor, at::Tensor> softmax_hessian_cpu(const at::Tensor& y, const at::Tensor& h,

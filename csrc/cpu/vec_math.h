@@ -36,8 +36,10 @@
 
 #if defined(__GNUC__) || defined(__clang__)
 #define OBD_ALWAYS_INLINE inline __attribute__((always_inline))
+#define OBD_INLINE_LAMBDA __attribute__((always_inline))
 #else
 #define OBD_ALWAYS_INLINE inline
+#define OBD_INLINE_LAMBDA
 #endif
 
 namespace obd {

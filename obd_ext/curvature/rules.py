@@ -364,8 +364,7 @@ def layer_norm(node, g: Grads, h: Grads, ctx: Ctx):
     if n_w and weight is not None:
         mu_ = mu.reshape(mu.shape + (1,) * (x.dim() - mu.dim())) if mu.dim() < x.dim() else mu
         rstd_ = rstd.reshape(rstd.shape + (1,) * (x.dim() - rstd.dim())) if rstd.dim() < x.dim() else rstd
-        xh = (x - mu_) * rstd_
-        h_w = (xh * xh * hh).sum(batch_dims)
+        h_w = (x - mu_).mul_(rstd_).square_().mul_(hh).sum(batch_dims)  # sum of xh^2 H: one temporary
     if n_b and bias is not None:
         h_b = hh.sum(batch_dims)
     return (g_x, None, None), (h_x, h_w, h_b)
