@@ -76,10 +76,7 @@ std::tuple<at::Tensor, at::Tensor> activation_hessian_cpu(const at::Tensor& save
                           static_cast<S>(p2)};
     with_act_kind(static_cast<int>(kind), [&](auto kt) {
       constexpr int K = decltype(kt)::value;
-      if (use_g && want_g) act_run<K, T, S, true, true>(a, n);
-      else if (use_g) act_run<K, T, S, true, false>(a, n);
-      else if (want_g) act_run<K, T, S, false, true>(a, n);
-      else act_run<K, T, S, false, false>(a, n);
+      with_rule_flags(use_g, want_g, [&](auto ug, auto wg) { act_run<K, T, S, ug.value, wg.value>(a, n); });
     });
   });
   return {h_in, g_in};

@@ -64,6 +64,20 @@ inline bool finite_value(T v) {
   else return finite_bits(static_cast<float>(v));
 }
 
+// f(use_g, want_g) with both as compile-time constants
+// (std::integral_constant<bool, ...>): the sweep kernels' loops are
+// instantiated per combination, so the optional f'' term and gradient output
+// cost no branch inside them.
+template <typename F>
+void with_rule_flags(bool use_g, bool want_g, F&& f) {
+  using Yes = std::true_type;
+  using No = std::false_type;
+  if (use_g && want_g) f(Yes{}, Yes{});
+  else if (use_g) f(Yes{}, No{});
+  else if (want_g) f(No{}, Yes{});
+  else f(No{}, No{});
+}
+
 // The baseline and the AVX2 copy of one chunk of a fused loop: `body` is
 // inlined into each (it must be an OBD_INLINE_LAMBDA calling always-inline
 // code), so its loops are compiled once per instruction set.

@@ -137,10 +137,7 @@ std::tuple<at::Tensor, at::Tensor> layer_norm_hessian_cpu(const at::Tensor& x, c
                                 h_x.mutable_data_ptr<T>(),
                                 want_g ? g_x.mutable_data_ptr<T>() : nullptr,
                                 n};
-    if (use_g && want_g) layer_norm_run<T, S, true, true>(a, rows);
-    else if (use_g) layer_norm_run<T, S, true, false>(a, rows);
-    else if (want_g) layer_norm_run<T, S, false, true>(a, rows);
-    else layer_norm_run<T, S, false, false>(a, rows);
+    with_rule_flags(use_g, want_g, [&](auto ug, auto wg) { layer_norm_run<T, S, ug.value, wg.value>(a, rows); });
   });
   return {h_x, g_x};
 }

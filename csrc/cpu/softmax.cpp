@@ -99,10 +99,7 @@ std::tuple<at::Tensor, at::Tensor> softmax_hessian_cpu(const at::Tensor& y, cons
     const SoftmaxArgs<T> a{yc.const_data_ptr<T>(), hc.const_data_ptr<T>(),
                            has_g ? gc.const_data_ptr<T>() : nullptr, h_in.mutable_data_ptr<T>(),
                            want_g ? g_in.mutable_data_ptr<T>() : nullptr, n};
-    if (use_g && want_g) softmax_run<T, S, true, true>(a, rows);
-    else if (use_g) softmax_run<T, S, true, false>(a, rows);
-    else if (want_g) softmax_run<T, S, false, true>(a, rows);
-    else softmax_run<T, S, false, false>(a, rows);
+    with_rule_flags(use_g, want_g, [&](auto ug, auto wg) { softmax_run<T, S, ug.value, wg.value>(a, rows); });
   });
   return {h_in, g_in};
 }
