@@ -103,6 +103,13 @@ TORCH_LIBRARY(obd_ext, m) {
   // accumulation precision. Deterministic: rows are summed in fixed blocks.
   m.def("column_sq_sum_(Tensor(a!) acc, Tensor x) -> ()");
 
+  // The CPU block cache of the curvature sweep (csrc/cpu/block_cache.cpp):
+  // open and close a scope (nested scopes count), and read depth, cached
+  // bytes, hits and misses.
+  m.def("_block_cache_enter() -> ()");
+  m.def("_block_cache_exit() -> ()");
+  m.def("_block_cache_stats() -> int[]");
+
   m.def(
       "nm_select_(Tensor(a!) weight, Tensor curvature, Tensor(b!) mask, int n, int m, "
       "float? factor, bool skip_nonfinite) -> Tensor");

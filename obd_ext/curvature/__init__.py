@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from ..block_cache import cpu_block_cache
 from .estimators import exact, hutchinson, per_sample_squared
 from .losses import Boundary, boundary_for
 from .rules import UnsupportedOpError
@@ -132,24 +133,25 @@ class CurvatureAccumulator:
     def accumulate(self, output: Tensor, target: Tensor) -> Tensor:
         """Run the sweep from ``output`` (with its graph); returns the loss value (detached)."""
         lm = self.method == "lm"
-        b: Boundary = self.boundary(output, target, need_g=not lm)
-        # Only the graph is needed from here on: dropping the output and the
-        # boundary tensors lets the sweep free them after the first node (with
-        # hessian_diag, which keeps no reference of its own: 3 logits-sized
-        # tensors, 384 MiB for the benchmark GPT at vocabulary 32k).
-        root, nr, loss = output.grad_fn, output.output_nr, b.loss
-        seed = [b.g, b.h_lm if lm else b.h_obd]
-        del output, b
-        with torch.no_grad():
-            res = sweep(root, nr, seed, lm, self._names)
-        for k, v in res.items():
-            if k not in self._sum:
-                self._sum[k] = v  # the sweep's tensor: it may be shared (e.g. two biases of one sum)
-            elif k in self._owned:
-                self._sum[k].add_(v)  # no model-sized allocation per batch
-            else:
-                self._sum[k] = self._sum[k] + v
-                self._owned.add(k)
+        with cpu_block_cache():  # the sweep's temporaries recycle their pages
+            b: Boundary = self.boundary(output, target, need_g=not lm)
+            # Only the graph is needed from here on: dropping the output and the
+            # boundary tensors lets the sweep free them after the first node (with
+            # hessian_diag, which keeps no reference of its own: 3 logits-sized
+            # tensors, 384 MiB for the benchmark GPT at vocabulary 32k).
+            root, nr, loss = output.grad_fn, output.output_nr, b.loss
+            seed = [b.g, b.h_lm if lm else b.h_obd]
+            del output, b
+            with torch.no_grad():
+                res = sweep(root, nr, seed, lm, self._names)
+            for k, v in res.items():
+                if k not in self._sum:
+                    self._sum[k] = v  # the sweep's tensor: it may be shared (e.g. two biases of one sum)
+                elif k in self._owned:
+                    self._sum[k].add_(v)  # no model-sized allocation per batch
+                else:
+                    self._sum[k] = self._sum[k] + v
+                    self._owned.add(k)
         self.batches += 1
         return loss
 
@@ -226,20 +228,21 @@ def hessian_diag(model: nn.Module, loss_fn, data, method: str = "obd", reduction
     except ImportError:  # pragma: no cover - tqdm is a dependency
         pass
     count = 0
-    for x, y in batches:
-        count += 1
-        if method in ("obd", "lm"):
-            with recordable():
-                acc.accumulate(model(x), y)  # no reference kept here: the sweep frees the logits early
-            continue
-        if method in ("fisher", "ggn-mc"):
-            part = per_sample_squared(model, loss_fn, x, y, selected, method == "ggn-mc", gen,
-                                      samples=samples if method == "ggn-mc" else 1)
-        else:
-            loss = loss_fn(model(x), y)
-            part = hutchinson(loss, selected, samples, gen) if method == "hutchinson" else exact(loss, selected)
-        for k, v in part.items():
-            total[k] = v.detach() if k not in total else total[k] + v.detach()
+    with cpu_block_cache():  # forward, boundary and sweep of every batch reuse each other's blocks
+        for x, y in batches:
+            count += 1
+            if method in ("obd", "lm"):
+                with recordable():
+                    acc.accumulate(model(x), y)  # no reference kept here: the sweep frees the logits early
+                continue
+            if method in ("fisher", "ggn-mc"):
+                part = per_sample_squared(model, loss_fn, x, y, selected, method == "ggn-mc", gen,
+                                          samples=samples if method == "ggn-mc" else 1)
+            else:
+                loss = loss_fn(model(x), y)
+                part = hutchinson(loss, selected, samples, gen) if method == "hutchinson" else exact(loss, selected)
+            for k, v in part.items():
+                total[k] = v.detach() if k not in total else total[k] + v.detach()
     if method in ("obd", "lm"):
         return acc._take(reduction)
     scale = 1.0 / max(count, 1) if reduction == "mean" else 1.0
