@@ -2,7 +2,10 @@
 
 For each model (MLP 784-1024-1024-10 at batch 1024, LeNet-5 at 28x28 batch
 256, a ResNet-18-like net at 32x32 batch 128, a GPT-style model d=512, 4
-layers, seq 256 at vocabularies 8k and 32k) it times one batch of:
+layers, seq 256 at vocabularies 8k and 32k) it times, per batch, a call over
+``--batches`` batches (3 by default: curvature is computed over a data set,
+and obd_ext's sweep reuses memory from one batch to the next, see
+obd_ext/block_cache.py; ``--batches 1`` times a single batch) of:
 
 - fwd+bwd:    model(x), loss, backward (the baseline every ratio divides by);
 - obd, lm:    obd_ext.hessian_diag (the back-propagated diagonal);
@@ -20,7 +23,10 @@ compares calls made seconds apart, so slow drifts of a shared or virtualised
 machine (page reclaim, other tenants) cancel instead of landing on one
 method's block of repeats.
 
-Usage: python bench/bench_curvature.py [--quick] [--models mlp,lenet] [--json out.json]
+`--keep-memory` re-runs the process with glibc keeping the memory it frees, so
+that page faults (which depend on what ran before) weigh on no method.
+
+Usage: python bench/bench_curvature.py [--quick] [--models mlp,lenet] [--batches 3] [--keep-memory] [--json out.json]
 """
 
 from __future__ import annotations
@@ -36,7 +42,7 @@ import torch
 import torch.nn as nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import machine, peak_extra_bytes, print_table, write_json  # noqa: E402
+from common import keep_allocator_memory, machine, peak_extra_bytes, print_table, write_json  # noqa: E402
 
 import obd_ext  # noqa: E402
 from obd_ext.models import GPT, LeNet5, SmallResNet, mlp  # noqa: E402
@@ -82,11 +88,13 @@ def cases(quick: bool) -> Dict[str, Tuple[Callable[[], nn.Module], Callable[[], 
     }
 
 
-def run_method(name: str, model: nn.Module, loss_fn, x, y) -> Callable[[], object]:
+def run_method(name: str, model: nn.Module, loss_fn, x, y, batches: int) -> Callable[[], object]:
+    """One call of a method over ``batches`` batches (the same batch again)."""
     if name == "fwd+bwd":
         def f():
-            model.zero_grad(set_to_none=True)
-            loss_fn(model(x), y).backward()
+            for _ in range(batches):
+                model.zero_grad(set_to_none=True)
+                loss_fn(model(x), y).backward()
         return f
     if name.startswith("bp:"):
         import backpack
@@ -97,11 +105,12 @@ def run_method(name: str, model: nn.Module, loss_fn, x, y) -> Callable[[], objec
         bloss = backpack.extend(type(loss_fn)())  # its own copy: extend() adds hooks to the module
 
         def f():
-            bmodel.zero_grad(set_to_none=True)
-            with backpack.backpack(ext):
-                bloss(bmodel(x), y).backward()
+            for _ in range(batches):
+                bmodel.zero_grad(set_to_none=True)
+                with backpack.backpack(ext):
+                    bloss(bmodel(x), y).backward()
         return f
-    return lambda: obd_ext.hessian_diag(model, loss_fn, (x, y), method=name, progress=False)
+    return lambda: obd_ext.hessian_diag(model, loss_fn, [(x, y)] * batches, method=name, progress=False)
 
 
 def timed_rounds(fns: Dict[str, Callable[[], object]], repeats: int) -> Dict[str, List[float]]:
@@ -124,9 +133,15 @@ def main(argv=None) -> int:
     p.add_argument("--models", default=None, help="comma-separated subset of the cases")
     p.add_argument("--methods", default=",".join(METHODS + BACKPACK))
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--batches", type=int, default=3,
+                   help="batches per call (curvature is computed over a data set); times are per batch")
     p.add_argument("--slow-s", type=float, default=30.0, help="time a method once if one call takes longer")
+    p.add_argument("--keep-memory", action="store_true",
+                   help="run with glibc keeping freed memory (no page faults for any method; bench/common.py)")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
+    if args.keep_memory:
+        keep_allocator_memory()
     try:
         import backpack  # noqa: F401
 
@@ -155,7 +170,7 @@ def main(argv=None) -> int:
             if method.startswith("bp:"):
                 m.load_state_dict(model.state_dict())
             try:
-                fn = run_method(method, m, loss_fn, x, y)
+                fn = run_method(method, m, loss_fn, x, y, args.batches)
                 t0 = time.perf_counter()
                 fn()  # warm-up, and any error surfaces here
                 first = time.perf_counter() - t0
@@ -170,19 +185,20 @@ def main(argv=None) -> int:
                 print(f"  {case} {method}: {type(e).__name__}: {str(e)[:120]}")
         times = timed_rounds(fns, args.repeats)
         for method in mems:
-            secs = once[method] if method in once else statistics.median(times[method])
+            secs = (once[method] if method in once else statistics.median(times[method])) / args.batches
             ratio = None
             if "fwd+bwd" in times and method in times:
                 ratio = statistics.median(t / b for t, b in zip(times[method], times["fwd+bwd"]))
             elif "fwd+bwd" in times:
-                ratio = secs / statistics.median(times["fwd+bwd"])
+                ratio = secs * args.batches / statistics.median(times["fwd+bwd"])
             mem = mems[method]
             rows.append({"model": case, "params": n_params, "method": method, "seconds": secs,
                          "x_fwd_bwd": ratio, "extra_bytes_per_param": None if mem is None else mem / n_params})
             print(f"  {case:>9} {method:>16} {secs:8.4f} s  x{ratio if ratio else float('nan'):.2f}", flush=True)
     print()
     print_table(rows, ["model", "params", "method", "seconds", "x_fwd_bwd", "extra_bytes_per_param"])
-    write_json(args.json, {"machine": machine(), "results": rows})
+    write_json(args.json, {"machine": machine(), "batches": args.batches,
+                           "glibc_keeps_memory": os.environ.get("MALLOC_TRIM_THRESHOLD_") is not None, "results": rows})
     return 0
 
 
