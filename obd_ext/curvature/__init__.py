@@ -117,6 +117,10 @@ class CurvatureAccumulator:
             loss = acc.accumulate(out, y)     # the sweep; the graph stays intact
             loss_fn(out, y).backward(); opt.step(); opt.zero_grad()
         h = acc.result()                      # averaged over the batches seen
+
+    Each ``accumulate`` reuses freed CPU blocks within its own sweep; wrap the
+    loop in ``obd_ext.block_cache.cpu_block_cache()`` to reuse them from one
+    batch to the next as ``hessian_diag`` does.
     """
 
     def __init__(self, model: nn.Module, loss_fn, method: str = "obd", params=None):
