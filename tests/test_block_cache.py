@@ -181,3 +181,14 @@ def test_curvature_is_the_same_with_and_without_the_cache(monkeypatch, method):
     assert hits > 0  # the batches did reuse blocks
     for k in without:
         assert torch.equal(with_cache[k], without[k]), k
+
+
+def test_out_of_memory_gives_the_cached_blocks_back_first():
+    with cpu_block_cache():
+        torch.empty(floats(2))
+        assert block_cache_stats()["cached_bytes"] == 2 * MIB
+        with pytest.raises(RuntimeError):
+            torch.empty(1 << 60, dtype=torch.uint8)  # no machine has this: the retry fails as well
+        assert block_cache_stats()["cached_bytes"] == 0  # given back before the retry
+        t = torch.ones(floats(2))  # and the scope goes on working
+        assert torch.all(t == 1)

@@ -82,7 +82,16 @@ class BlockCache final : public c10::Allocator {
       }
     }
     for (Block* e : evicted) delete e;  // outside the lock: giving memory back can take a while
-    auto* b = new Block{base->allocate(size), size};
+    c10::DataPtr inner;
+    try {
+      inner = base->allocate(size);
+    } catch (const c10::Error&) {
+      // Out of memory with blocks still cached: the cache must not be why a
+      // sweep fails, so give them all back and try once more.
+      release_cached();
+      inner = base->allocate(size);
+    }
+    auto* b = new Block{std::move(inner), size};
     {
       std::lock_guard<std::mutex> lock(mutex_);
       add_live(b);
@@ -109,16 +118,23 @@ class BlockCache final : public c10::Allocator {
   }
 
   void exit() {
-    std::vector<Block*> released;
     {
       std::lock_guard<std::mutex> lock(mutex_);
       TORCH_CHECK(depth_.load() > 0, "obd_ext block cache: a scope was closed that was never opened");
       if (depth_.fetch_sub(1) > 1) return;
       uninstall();
+    }
+    release_cached();
+  }
+
+  void release_cached() {
+    std::vector<Block*> released;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
       released.swap(cached_);
       cached_bytes_ = 0;
     }
-    for (Block* b : released) delete b;
+    for (Block* b : released) delete b;  // outside the lock: giving memory back can take a while
   }
 
   // depth, cached bytes, hits, misses, live bytes (of blocks handed out), high-water mark.
@@ -141,15 +157,12 @@ class BlockCache final : public c10::Allocator {
   }
 
   void after_fork_in_child() {
-    std::vector<Block*> released;
     {
       std::lock_guard<std::mutex> lock(mutex_);
       depth_.store(0);
       uninstall();
-      released.swap(cached_);  // the child's copies of the parent's cached pages
-      cached_bytes_ = 0;
     }
-    for (Block* b : released) delete b;
+    release_cached();  // the child's copies of the parent's cached pages
   }
 
   void uninstall() {
