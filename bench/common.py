@@ -128,9 +128,7 @@ def keep_allocator_memory() -> None:
     depends on what ran before (the heap's state). With the thresholds fixed,
     no method pays for the allocator, so a ratio compares the work itself.
     """
-    if os.environ.get("MALLOC_TRIM_THRESHOLD_") is None and sys.platform.startswith("linux"):
-        env = dict(os.environ, MALLOC_TRIM_THRESHOLD_="4294967296", MALLOC_MMAP_THRESHOLD_="4294967296")
-        os.execve(sys.executable, [sys.executable] + sys.argv, env)
+    _rerun_with_glibc(MALLOC_TRIM_THRESHOLD_="4294967296", MALLOC_MMAP_THRESHOLD_="4294967296")
 
 
 def exact_rss_accounting() -> None:
@@ -141,6 +139,13 @@ def exact_rss_accounting() -> None:
     would miss them; with a fixed threshold every sizeable allocation is a
     fresh mapping and shows up in the peak.
     """
-    if os.environ.get("MALLOC_MMAP_THRESHOLD_") is None and sys.platform.startswith("linux"):
-        env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
-        os.execve(sys.executable, [sys.executable] + sys.argv, env)
+    _rerun_with_glibc(MALLOC_MMAP_THRESHOLD_="65536")
+
+
+def _rerun_with_glibc(**settings: str) -> None:
+    """Re-exec this script with glibc malloc settings (environment variables read at
+    process start), unless the first one is already set (a setting chosen by the
+    caller wins, and the re-executed process does not loop)."""
+    first = next(iter(settings))
+    if os.environ.get(first) is None and sys.platform.startswith("linux"):
+        os.execve(sys.executable, [sys.executable] + sys.argv, dict(os.environ, **settings))

@@ -105,7 +105,7 @@ TORCH_LIBRARY(obd_ext, m) {
 
   // The CPU block cache of the curvature sweep (csrc/cpu/block_cache.cpp):
   // open and close a scope (nested scopes count), and read depth, cached
-  // bytes, hits and misses.
+  // bytes, hits, misses, live bytes and their high-water mark.
   m.def("_block_cache_enter() -> ()");
   m.def("_block_cache_exit() -> ()");
   m.def("_block_cache_stats() -> int[]");
