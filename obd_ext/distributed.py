@@ -71,8 +71,8 @@ import torch.distributed as dist
 from torch import Tensor
 
 from . import ops
-from .reference import (STAT_DELETED_BEFORE, STAT_DELETED_NOW, STAT_MAX_DELETED, STAT_SALIENCY_SUM, STAT_SKIPPED,
-                        saliency)
+from .constants import STAT_DELETED_BEFORE, STAT_DELETED_NOW, STAT_MAX_DELETED, STAT_SALIENCY_SUM, STAT_SKIPPED
+from .ops import saliency
 from .selection import Selection, _factor, _masks, _resolve_k, _skip
 
 __all__ = [

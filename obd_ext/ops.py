@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from . import _C  # noqa: F401  (loads the kernels)
-from .reference import NUM_STATS, saliency_dtype
+from .constants import NUM_STATS, saliency_dtype
 
 __all__ = ["saliency", "group_saliency", "global_select_", "row_select_", "nm_select_", "activation_hessian",
            "softmax_hessian", "layer_norm_hessian", "cross_entropy_boundary", "squared_mm", "squared_conv",

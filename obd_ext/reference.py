@@ -34,14 +34,9 @@ __all__ = [
     "squared_conv",
 ]
 
-# Layout of the float64 statistics every selection op returns.
-NUM_STATS = 5
-STAT_DELETED_NOW, STAT_DELETED_BEFORE, STAT_SKIPPED, STAT_MAX_DELETED, STAT_SALIENCY_SUM = range(NUM_STATS)
-
-
-def saliency_dtype(*tensors: Tensor) -> torch.dtype:
-    """float64 if any operand is float64, float32 otherwise."""
-    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+# The shared facts live in obd_ext.constants (production code never imports this oracle).
+from .constants import (ACT_KINDS, NUM_STATS, STAT_DELETED_BEFORE, STAT_DELETED_NOW, STAT_MAX_DELETED,  # noqa: F401
+                        STAT_SALIENCY_SUM, STAT_SKIPPED, saliency_dtype)
 
 
 def saliency(weight: Tensor, hessian_diag: Tensor) -> Tensor:
@@ -222,12 +217,6 @@ def nm_select_(
 # Activation kinds, numbered as ActKind in csrc/kernels/common.h. The saved
 # tensor is the activation's output for tanh, sigmoid and relu, its input
 # otherwise; p0..p2 are its parameters.
-ACT_KINDS = {
-    "tanh": 0, "sigmoid": 1, "relu": 2, "leaky_relu": 3, "elu": 4, "gelu": 5, "gelu_tanh": 6, "silu": 7,
-    "softplus": 8, "hardtanh": 9,
-}
-
-
 def activation_derivatives(kind: int, v: Tensor, p0: float = 0.0, p1: float = 0.0, p2: float = 0.0):
     """(f', f'') of activation ``kind`` from its saved tensor ``v`` (closed forms)."""
     one, zero = torch.ones_like(v), torch.zeros_like(v)

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from . import ops
-from .reference import STAT_DELETED_BEFORE, STAT_DELETED_NOW, STAT_MAX_DELETED, STAT_SALIENCY_SUM, STAT_SKIPPED
+from .constants import STAT_DELETED_BEFORE, STAT_DELETED_NOW, STAT_MAX_DELETED, STAT_SALIENCY_SUM, STAT_SKIPPED
 
 __all__ = [
     "Selection",

@@ -27,7 +27,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from .. import ops, reference
+from .. import constants, ops
 
 __all__ = ["UnsupportedOpError", "RULES", "Ctx", "rule_for"]
 
@@ -86,7 +86,7 @@ def index_map(node, g: Grads, h: Grads, ctx: Ctx):
 # ---------------------------------------------------------------------------
 
 
-K = reference.ACT_KINDS
+K = constants.ACT_KINDS
 
 
 def _params(*names):
