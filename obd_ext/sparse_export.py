@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
-from typing import List
+from typing import Dict, List, Optional
 
 import torch
 import torch.nn as nn
@@ -95,25 +95,36 @@ def to_semi_structured(weight: Tensor, name: str = "weight") -> Tensor:
     return to_sparse_semi_structured(weight.detach())
 
 
-def finalize_modules(model: nn.Module, names: List[str], format: str) -> Finalized:
-    """Convert the named parameters (zeros already in place) of ``model`` to ``format``."""
+def finalize_modules(model: nn.Module, names: List[str], format: str,
+                     values: Optional[Dict[str, Tensor]] = None) -> Finalized:
+    """Convert the named parameters of ``model`` to ``format``, all or nothing.
+
+    Args:
+        values: name -> the tensor to store (default: the parameter's data,
+            zeros already in place). Every conversion runs before the first
+            parameter is replaced, so a layer that cannot be converted raises
+            with the model unchanged.
+    """
     if format not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
     modules = dict(model.named_modules())
     out = Finalized(format)
+    replace = []
     for name in names:
         owner_name, _, attr = name.rpartition(".")
         owner = modules[owner_name]
         p = getattr(owner, attr)
+        data = values[name] if values is not None else p.data
         out.bytes_before += _bytes(p)
         if format == "dense" or not (isinstance(owner, nn.Linear) and attr == "weight"):
             out.kept_dense.append(name)
             out.bytes_after += _bytes(p)
             continue
         convert = to_csr if format == "csr" else to_semi_structured
-        sparse = convert(p.data, name)
-        setattr(owner, attr, nn.Parameter(sparse, requires_grad=False))
+        sparse = convert(data, name)
+        replace.append((owner, attr, sparse))
         out.converted.append(name)
         out.bytes_after += _bytes(sparse)
+    for owner, attr, sparse in replace:
+        setattr(owner, attr, nn.Parameter(sparse, requires_grad=False))
     return out
-
