@@ -393,24 +393,66 @@ def batch_norm(node, g: Grads, h: Grads, ctx: Ctx):
     return (g_x, None, None), (h_x, h_w, h_b)
 
 
-def avg_pool2d(node, g: Grads, h: Grads, ctx: Ctx):
-    """Average pooling without padding: entries 1/k, so H gets 1/k^2."""
-    ks = node._saved_kernel_size
-    if any(int(p) for p in node._saved_padding) or node._saved_divisor_override is not None:
-        raise UnsupportedOpError("obd_ext curvature: avg_pool2d with padding or a divisor override has no rule; "
-                                 "use method='hutchinson'")
-    area = int(ks[0]) * int(ks[-1])
-    return _averaging(node, g, h, ctx, area)
+def _window_weights(node, nd: int) -> Tensor:
+    """The weight 1/d_j of each output window of an average pool (every entry of a
+    window has the same weight), broadcastable to the output.
 
-
-def adaptive_avg_pool2d(node, g: Grads, h: Grads, ctx: Ctx):
+    d_j depends on the window: padding counted or not (``count_include_pad``),
+    ``divisor_override``, and ``ceil_mode``'s edge windows, which PyTorch clips to
+    the padded input (so they average fewer entries). Rather than restate those
+    rules, pool a tensor of ones twice with the node's own settings: once as the
+    user did (the sum of the window's weights over its real entries, n_j / d_j)
+    and once as a plain sum (n_j, divisor 1)."""
     x = node._saved_self
-    out_h, out_w = h[0].shape[-2], h[0].shape[-1]
-    if x.shape[-2] % out_h or x.shape[-1] % out_w:
-        raise UnsupportedOpError("obd_ext curvature: adaptive_avg_pool2d with uneven windows has no rule; "
-                                 "use method='hutchinson'")
-    area = (x.shape[-2] // out_h) * (x.shape[-1] // out_w)
-    return _averaging(node, g, h, ctx, area)
+    pool = {1: torch.nn.functional.avg_pool1d, 2: torch.nn.functional.avg_pool2d,
+            3: torch.nn.functional.avg_pool3d}[nd]
+    ks, stride, pad = list(node._saved_kernel_size), list(node._saved_stride), list(node._saved_padding)
+    stride = stride or ks  # an empty stride means the kernel size
+    ceil, cip, div = bool(node._saved_ceil_mode), bool(node._saved_count_include_pad), node._saved_divisor_override
+    ones = x.new_ones((1,) * (x.dim() - nd) + tuple(x.shape[-nd:]))
+    weighted = pool(ones, ks, stride, pad, ceil, cip, div)
+    counts = pool(ones, ks, stride, pad, ceil, True, 1)
+    return weighted / counts
+
+
+def _weighted_average(node, g: Grads, h: Grads, ctx: Ctx, weight: Tensor):
+    """A linear map whose output j averages its window with weight c_j per entry:
+    H_x = B(c * H) (entries c_j^2), g_x = B(g), with B the node's own backward."""
+    h_in = _call(node, [h[0] * weight])[0]
+    g_in = _call(node, g)[0] if ctx.need_g and g[0] is not None else None
+    return (g_in,), (h_in,)
+
+
+def avg_pool(nd: int) -> Callable:
+    """Average pooling in ``nd`` dimensions (AvgPool1d runs as a 2-d pool): any
+    padding, ``ceil_mode``, ``count_include_pad`` and ``divisor_override``."""
+    def rule(node, g: Grads, h: Grads, ctx: Ctx):
+        return _weighted_average(node, g, h, ctx, _window_weights(node, nd))
+    return rule
+
+
+def _adaptive_counts(size_in: int, size_out: int, like: Tensor) -> Tensor:
+    """Entries averaged by each adaptive window along one dimension: PyTorch's
+    windows are [floor(i In / Out), ceil((i + 1) In / Out)), which may overlap."""
+    i = torch.arange(size_out, dtype=torch.long)
+    start = torch.div(i * size_in, size_out, rounding_mode="floor")
+    end = torch.div((i + 1) * size_in + size_out - 1, size_out, rounding_mode="floor")
+    return (end - start).to(like.dtype).to(like.device)
+
+
+def adaptive_avg_pool(nd: int) -> Callable:
+    """Adaptive average pooling: window j averages n_j entries, weight 1/n_j
+    (uneven and overlapping windows included)."""
+    def rule(node, g: Grads, h: Grads, ctx: Ctx):
+        x = node._saved_self
+        out = h[0].shape[-nd:]
+        weight = None
+        for k in range(nd):
+            c = _adaptive_counts(int(x.shape[x.dim() - nd + k]), int(out[k]), h[0])
+            c = c.reshape((-1,) + (1,) * (nd - 1 - k))
+            weight = 1.0 / c if weight is None else weight / c
+        return _weighted_average(node, g, h, ctx, weight)
+    return rule
 
 
 def embedding(node, g: Grads, h: Grads, ctx: Ctx):
@@ -450,8 +492,10 @@ RULES.update({
     "NativeLayerNormBackward0": layer_norm,
     "NativeBatchNormBackward0": batch_norm,
     "CudnnBatchNormBackward0": batch_norm,
-    "AvgPool2DBackward0": avg_pool2d,
-    "AdaptiveAvgPool2DBackward0": adaptive_avg_pool2d,
+    "AvgPool2DBackward0": avg_pool(2),
+    "AvgPool3DBackward0": avg_pool(3),
+    "AdaptiveAvgPool2DBackward0": adaptive_avg_pool(2),
+    "AdaptiveAvgPool3DBackward0": adaptive_avg_pool(3),
 })
 
 

@@ -1,0 +1,121 @@
+"""Cases where the curvature engine must be exact (float64, against autograd):
+average pools of every kind, elementwise regions (one tensor entering an
+elementwise expression more than once), and the per-sample estimators on
+every target form of cross-entropy; plus the clear errors that replace
+silently wrong numbers (reentrant checkpoints)."""
+
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from testing import float64_by_default  # noqa: F401  (autouse fixture: every test in float64)
+from obd_ext.curvature import hessian_diag, rules
+
+
+def close(a, b, tol=1e-10):
+    a, b = a.detach(), b.detach()
+    return float((a - b).abs().max()) <= tol * max(1.0, float(b.abs().max()))
+
+
+def brute_flat(fn, x, g_out, h_out):
+    """For y = fn(x): diag(J^T diag(h) J) + sum_j g_j d2y_j/dx_i^2, and its Gauss-Newton part."""
+    xf = x.detach().reshape(-1)
+    f = lambda v: fn(v.reshape(x.shape)).reshape(-1)  # noqa: E731
+    jac = torch.autograd.functional.jacobian(f, xf)
+    gn = (jac ** 2 * h_out.reshape(-1)[:, None]).sum(0)
+    hes = torch.autograd.functional.hessian(lambda v: (f(v) * g_out.reshape(-1)).sum(), xf)
+    return (gn + torch.diagonal(hes)).reshape(x.shape), gn.reshape(x.shape)
+
+
+def rule_on(fn, x, g, h, lm):
+    """(g_in, h_in) of the rule of fn's last node, summed to x's shape."""
+    y = fn(x)
+    ctx = rules.Ctx(lm)
+    ctx.g_wanted = [True] * len(y.grad_fn.next_functions)
+    g_in, h_in = rules.rule_for(y.grad_fn)(y.grad_fn, [g], [h], ctx)
+    return g_in[0], h_in[0]
+
+
+# ---------------------------------------------------------------------------
+# Average pools: every window's own divisor
+# ---------------------------------------------------------------------------
+
+POOLS = {
+    "ceil": lambda v: F.avg_pool2d(v, 2, ceil_mode=True),
+    "ceil_stride": lambda v: F.avg_pool2d(v, 3, 2, ceil_mode=True),
+    "pad": lambda v: F.avg_pool2d(v, 3, 2, padding=1),
+    "pad_exclude": lambda v: F.avg_pool2d(v, 3, 2, padding=1, count_include_pad=False),
+    "pad_ceil_exclude": lambda v: F.avg_pool2d(v, 3, 2, padding=1, ceil_mode=True, count_include_pad=False),
+    "pad_ceil_include": lambda v: F.avg_pool2d(v, 3, 2, padding=1, ceil_mode=True),
+    "divisor": lambda v: F.avg_pool2d(v, 2, 1, divisor_override=3),
+    "divisor_pad": lambda v: F.avg_pool2d(v, 3, 2, padding=1, divisor_override=5),
+    "overlap": lambda v: F.avg_pool2d(v, 3, 1),
+    "1d_ceil": lambda v: F.avg_pool1d(v.flatten(2), 4, 3, padding=1, ceil_mode=True, count_include_pad=False),
+    "3d_ceil": lambda v: F.avg_pool3d(v.reshape(2, 1, 2, 5, 5), 2, ceil_mode=True),
+    "3d_pad": lambda v: F.avg_pool3d(v.unsqueeze(2), (1, 3, 3), (1, 2, 2), (0, 1, 1), count_include_pad=False),
+    "adaptive_uneven": lambda v: F.adaptive_avg_pool2d(v, (2, 3)),
+    "adaptive_1d": lambda v: F.adaptive_avg_pool1d(v.flatten(2), 4),
+    "adaptive_3d": lambda v: F.adaptive_avg_pool3d(v.unsqueeze(2), (1, 3, 2)),
+}
+
+
+class Scaled(nn.Module):
+    """y = fn(s * x), s of x's full shape (one scale per entry): each s_i touches
+    one input entry, so the exact Hessian diagonal of s is x_i^2 times the
+    diagonal of J^T diag(H_y) J at fn's input, with nothing dropped."""
+
+    def __init__(self, fn, shape):
+        super().__init__()
+        self.fn = fn
+        self.s = nn.Parameter(torch.rand(shape) + 0.5)
+
+    def forward(self, x):
+        return self.fn(self.s * x)
+
+
+@pytest.mark.parametrize("which", list(POOLS))
+def test_average_pools_are_exact(which):
+    torch.manual_seed(0)
+    fn = POOLS[which]
+    x = torch.randn(2, 2, 5, 5)
+    model = Scaled(fn, x.shape)
+    t = torch.randn(fn(x).shape)
+    ex = hessian_diag(model, nn.MSELoss(reduction="sum"), (x, t), method="exact", progress=False)["s"]
+    for method in ("obd", "lm"):  # a linear map under MSE: the Gauss-Newton diagonal is the Hessian's
+        got = hessian_diag(model, nn.MSELoss(reduction="sum"), (x, t), method=method, progress=False)["s"]
+        assert close(got, ex), (which, method, float((got - ex).abs().max()))
+
+
+@pytest.mark.parametrize("which", list(POOLS))
+def test_average_pool_rules_against_brute_force(which):
+    torch.manual_seed(1)
+    x = torch.randn(2, 2, 5, 5, requires_grad=True)
+    node = POOLS[which](x).grad_fn
+    while "Pool" not in type(node).__name__:  # the pool itself, under views
+        node = node.next_functions[0][0]
+    shape = node._input_metadata[0].shape
+    g, h = torch.randn(shape), torch.rand(shape)
+    ctx = rules.Ctx(False)
+    ctx.g_wanted = [True]
+    g_in, h_in = rules.rule_for(node)(node, [g], [h], ctx)
+    v = node._saved_self.detach().requires_grad_()
+    full, gn = brute_flat(lambda t: _pool_of(node, t), v, g, h)
+    assert close(h_in[0], full) and close(h_in[0], gn), which  # linear: no second-derivative term
+    assert close(g_in[0], torch.autograd.grad(_pool_of(node, v), v, g)[0]), which
+
+
+def _pool_of(node, v):
+    """Re-run the pool of ``node`` on v with the node's own settings."""
+    name = type(node).__name__
+    if name.startswith("Adaptive"):
+        shape = tuple(node._input_metadata[0].shape)
+        nd = 3 if "3D" in name else 2
+        return (F.adaptive_avg_pool3d if nd == 3 else F.adaptive_avg_pool2d)(v, shape[-nd:])
+    nd = 3 if "3D" in name else 2
+    pool = F.avg_pool3d if nd == 3 else F.avg_pool2d
+    ks = list(node._saved_kernel_size)
+    return pool(v, ks, list(node._saved_stride) or ks, list(node._saved_padding), bool(node._saved_ceil_mode),
+                bool(node._saved_count_include_pad), node._saved_divisor_override)
