@@ -350,3 +350,128 @@ def test_categorical_draw_matches_the_distribution_and_never_draws_a_zero():
         assert (counts[p == 0] == 0).all()
     again = categorical_draw(probs.repeat(n, 1), torch.Generator().manual_seed(0)).reshape(n, 3)
     assert torch.equal(draws, again)
+
+
+# ---------------------------------------------------------------------------
+# Every target form and reduction of the classification losses
+# ---------------------------------------------------------------------------
+
+
+def loop_by_definition(model, loss_fn, x, t):
+    """c * sum_n (d l_n / d theta)^2 with c read off the loss itself: c = loss / sum_n l_n
+    (l_n: sample n's loss under reduction "sum"), so no normalisation rule is restated."""
+    import copy
+
+    summed = copy.copy(loss_fn)
+    summed.reduction = "sum"
+    params = {k: p for k, p in model.named_parameters() if p.requires_grad}
+    acc = {k: torch.zeros_like(p) for k, p in params.items()}
+    total = 0.0
+    for b in range(x.shape[0]):
+        loss = summed(model(x[b:b + 1]), t[b:b + 1])
+        total += float(loss.detach())
+        for k, g in zip(params, torch.autograd.grad(loss, list(params.values()))):
+            acc[k] += g * g
+    with torch.no_grad():
+        c = float(loss_fn(model(x), t)) / total
+    return {k: v * c for k, v in acc.items()}
+
+
+class Pixels(nn.Module):
+    """Per-pixel classification: logits (N, C, H, W), a target per pixel."""
+
+    def __init__(self, classes=4, log_probs=False):
+        super().__init__()
+        self.conv1 = nn.Conv2d(2, 5, 3, padding=1)
+        self.conv2 = nn.Conv2d(5, classes, 1)
+        self.log_probs = log_probs
+
+    def forward(self, x):
+        y = self.conv2(torch.tanh(self.conv1(x)))
+        return torch.log_softmax(y, 1) if self.log_probs else y
+
+
+def _target_case(form, classes=4, n=5):
+    g = torch.Generator().manual_seed(3)
+    idx = torch.randint(0, classes, (n, 3, 3), generator=g)
+    if form == "probabilities":
+        return torch.softmax(torch.randn(n, classes, 3, 3, generator=g), 1)
+    if form == "ignored":
+        idx[0] = -100  # a whole sample ignored, and some pixels of another
+        idx[1, 0] = -100
+    return idx
+
+
+LOSS_CASES = {
+    "indices": (dict(), "indices"),
+    "probabilities": (dict(), "probabilities"),
+    "ignore_index": (dict(), "ignored"),
+    "label_smoothing": (dict(label_smoothing=0.2), "ignored"),
+    "weights": (dict(weight=torch.tensor([0.5, 2.0, 1.0, 3.0])), "ignored"),
+    "weights_probabilities": (dict(weight=torch.tensor([0.5, 2.0, 1.0, 3.0])), "probabilities"),
+    "weights_smoothing": (dict(weight=torch.tensor([0.5, 2.0, 1.0, 3.0]), label_smoothing=0.1), "indices"),
+}
+
+
+@pytest.mark.parametrize("path", ["layerwise", "torch.func"])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("case", list(LOSS_CASES))
+def test_fisher_on_every_cross_entropy_form(case, reduction, path, monkeypatch):
+    """Class-probability targets under "mean" were C times too large (the scale counted
+    N x C target entries instead of N rows); class weights and label smoothing raised."""
+    torch.manual_seed(0)
+    model = Pixels().double()
+    x = torch.randn(5, 2, 3, 3)
+    kw, form = LOSS_CASES[case]
+    kw = {k: (v.double() if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
+    loss_fn = nn.CrossEntropyLoss(reduction=reduction, **kw)
+    t = _target_case(form)
+    if path == "torch.func":
+        monkeypatch.setattr(estimators, "_rows_fast_path", lambda *a: (None, None))
+    res = hessian_diag(model, loss_fn, (x, t), method="fisher", progress=False)
+    ref = loop_by_definition(model, loss_fn, x, t)
+    for k in ref:
+        assert close(res[k], ref[k]), (case, reduction, path, k, float((res[k] / ref[k]).max()))
+
+
+def test_fisher_with_nll_loss_and_bce_weights():
+    torch.manual_seed(1)
+    model = Pixels(log_probs=True).double()
+    x, t = torch.randn(5, 2, 3, 3), _target_case("ignored")
+    for reduction in ("mean", "sum"):
+        loss_fn = nn.NLLLoss(weight=torch.tensor([0.5, 2.0, 1.0, 3.0]), reduction=reduction)
+        res = hessian_diag(model, loss_fn, (x, t), method="fisher", progress=False)
+        ref = loop_by_definition(model, loss_fn, x, t)
+        assert all(close(res[k], ref[k]) for k in ref), reduction
+    model = Pixels(classes=3).double()
+    yb = (torch.rand(5, 3, 3, 3) > 0.5).double()
+    loss_fn = nn.BCEWithLogitsLoss(pos_weight=torch.tensor([1.0, 3.0, 0.5]).reshape(3, 1, 1))
+    res = hessian_diag(model, loss_fn, (x, yb), method="fisher", progress=False)
+    ref = loop_by_definition(model, loss_fn, x, yb)
+    assert all(close(res[k], ref[k]) for k in ref)
+
+
+def test_ggn_mc_keeps_ignored_positions_ignored():
+    """Drawn targets used to replace ignore_index, so padded positions entered the curvature."""
+    torch.manual_seed(2)
+    model = Pixels().double()
+    x, t = torch.randn(5, 2, 3, 3), _target_case("ignored")
+    loss_fn = nn.CrossEntropyLoss()
+    res = hessian_diag(model, loss_fn, (x, t), method="ggn-mc", seed=5, progress=False)
+    with torch.no_grad():
+        drawn = sampled_targets(model(x), loss_fn, torch.Generator().manual_seed(5), t)
+    assert bool((drawn[t == -100] == -100).all()) and bool((drawn[t != -100] >= 0).all())
+    ref = loop_by_definition(model, loss_fn, x, drawn)
+    assert all(close(res[k], ref[k]) for k in ref)
+
+
+def test_losses_fisher_cannot_split_are_clear_errors():
+    model, x = Pixels().double(), torch.randn(5, 2, 3, 3)
+    with pytest.raises(NotImplementedError, match="fisher and ggn-mc need a loss.*L1Loss"):
+        hessian_diag(model, nn.L1Loss(), (x, torch.randn(5, 4, 3, 3)), method="fisher", progress=False)
+    with pytest.raises(ValueError, match="reduction must be 'mean' or 'sum'.*'none'"):
+        hessian_diag(model, nn.CrossEntropyLoss(reduction="none"), (x, _target_case("indices")), method="fisher",
+                     progress=False)
+    with pytest.raises(NotImplementedError, match="ggn-mc.*label smoothing"):
+        hessian_diag(model, nn.CrossEntropyLoss(label_smoothing=0.1), (x, _target_case("indices")), method="ggn-mc",
+                     progress=False)

@@ -22,7 +22,7 @@ import torch.nn as nn
 from torch import Tensor
 from torch.func import functional_call, grad, vmap
 
-from .losses import boundary_for, sampled_targets
+from .losses import per_sample_scale, sampled_targets
 from .per_sample import layerwise_squared
 
 __all__ = ["per_sample_squared", "hutchinson", "exact"]
@@ -61,7 +61,7 @@ def _vmap_squared(model: nn.Module, loss_fn, x: Tensor, targets: Tensor, params:
     loss_n = _sum_loss(loss_fn)
     with torch.no_grad():
         out = model(x)
-    scale = boundary_for(loss_fn)(out, targets, need_g=False).scale
+    scale = per_sample_scale(loss_fn, out, targets)
     batch = x.shape[0]
     # A sample may own several output rows (a sequence model whose output is
     # (batch * tokens, vocab)): group the targets by sample.
@@ -105,7 +105,7 @@ def per_sample_squared(model: nn.Module, loss_fn, x: Tensor, y: Tensor, params: 
     if drawn is None:  # the layer-wise path was switched off
         with torch.no_grad():
             out = model(x)
-        drawn = [sampled_targets(out, loss_fn, generator) if sample_targets else y for _ in range(samples)]
+        drawn = [sampled_targets(out, loss_fn, generator, y) if sample_targets else y for _ in range(samples)]
     part: Dict[str, Tensor] = {}
     for t in drawn:
         more = _vmap_squared(model, loss_fn, x, t, rest, chunk)

@@ -26,7 +26,13 @@ from torch import Tensor
 
 from .. import ops
 
-__all__ = ["Boundary", "boundary_for", "SUPPORTED_LOSSES"]
+__all__ = ["Boundary", "boundary_for", "SUPPORTED_LOSSES", "PER_SAMPLE_LOSSES", "per_sample_scale", "sampled_targets",
+           "categorical_draw"]
+
+# Losses that fisher / ggn-mc take: each is c * (sum of per-sample losses), c known.
+PER_SAMPLE_LOSSES = ("nn.MSELoss", "nn.CrossEntropyLoss (class indices or probabilities, weight, ignore_index, "
+                     "label_smoothing)", "nn.NLLLoss", "nn.BCEWithLogitsLoss (weight, pos_weight)", "F.mse_loss",
+                     "F.cross_entropy", "F.binary_cross_entropy_with_logits")
 
 SUPPORTED_LOSSES = ("nn.MSELoss", "nn.CrossEntropyLoss", "nn.BCEWithLogitsLoss", "F.mse_loss", "F.cross_entropy",
                     "F.binary_cross_entropy_with_logits")
@@ -130,6 +136,53 @@ def boundary_for(loss_fn) -> Callable[..., Boundary]:
     )
 
 
+def _loss_name(loss_fn) -> str:
+    return type(loss_fn).__name__ if isinstance(loss_fn, nn.Module) else getattr(loss_fn, "__name__", repr(loss_fn))
+
+
+def _per_sample_kind(loss_fn) -> str:
+    if isinstance(loss_fn, nn.MSELoss) or loss_fn is F.mse_loss:
+        return "mse"
+    if isinstance(loss_fn, nn.CrossEntropyLoss) or loss_fn is F.cross_entropy:
+        return "ce"
+    if isinstance(loss_fn, nn.NLLLoss) or loss_fn is F.nll_loss:
+        return "nll"
+    if isinstance(loss_fn, nn.BCEWithLogitsLoss) or loss_fn is F.binary_cross_entropy_with_logits:
+        return "bce"
+    raise NotImplementedError(
+        f"obd_ext curvature: fisher and ggn-mc need a loss that is a known multiple of a sum over samples; "
+        f"{_loss_name(loss_fn)} is not one of {', '.join(PER_SAMPLE_LOSSES)}. "
+        "method='hutchinson' or 'exact' work with any loss."
+    )
+
+
+def per_sample_scale(loss_fn, out: Tensor, target: Tensor) -> float:
+    """The factor c with ``loss_fn(out, target) = c * sum_n loss_n`` (loss_n: sample n's
+    loss under reduction "sum"); a clear error for a loss fisher / ggn-mc cannot split.
+
+    "mean" divides by what PyTorch divides by: the number of entries (MSE, BCE), the
+    non-ignored class-index targets or their class weights' sum (cross-entropy, NLL),
+    and the rows for class-probability targets (N times the spatial size: never N x C).
+    """
+    kind = _per_sample_kind(loss_fn)
+    red = getattr(loss_fn, "reduction", "mean")
+    if red == "sum":
+        return 1.0
+    if red != "mean":
+        raise ValueError(f"loss reduction must be 'mean' or 'sum' for curvature, got {red!r} ({_loss_name(loss_fn)})")
+    if kind in ("mse", "bce"):
+        return 1.0 / max(out.numel(), 1)
+    if target.is_floating_point():  # class probabilities (cross-entropy only): mean over rows
+        rows = out.numel() // out.shape[1] if out.dim() >= 2 else 1
+        return 1.0 / max(rows, 1)
+    kept = target != getattr(loss_fn, "ignore_index", -100)
+    weight = getattr(loss_fn, "weight", None)
+    if weight is None:
+        return 1.0 / max(int(kept.sum()), 1)
+    total = float(weight.detach()[target[kept].long()].sum())
+    return 1.0 / total if total != 0 else 1.0
+
+
 def categorical_draw(probs: Tensor, generator: Optional[torch.Generator] = None) -> Tensor:
     """One class per row of ``probs`` (N x C, rows summing to 1) by inverse CDF:
     a cumulative sum and one uniform per row.
@@ -149,16 +202,42 @@ def categorical_draw(probs: Tensor, generator: Optional[torch.Generator] = None)
     return torch.minimum(draw, last).reshape(-1)
 
 
-def sampled_targets(y: Tensor, loss_fn, generator: Optional[torch.Generator] = None) -> Tensor:
-    """Targets drawn from the model's own predictive distribution (for ggn-mc)."""
+def sampled_targets(y: Tensor, loss_fn, generator: Optional[torch.Generator] = None,
+                    target: Optional[Tensor] = None) -> Tensor:
+    """Targets drawn from the model's own predictive distribution (for ggn-mc).
+
+    With class-index ``target`` given, its ignored positions (``ignore_index``) stay
+    ignored: the loss leaves them out, so must its curvature.
+    """
     y = y.detach()
     if isinstance(loss_fn, nn.CrossEntropyLoss) or loss_fn is F.cross_entropy:
+        if isinstance(loss_fn, nn.CrossEntropyLoss) and (loss_fn.weight is not None or loss_fn.label_smoothing):
+            raise NotImplementedError(
+                "obd_ext curvature: ggn-mc draws class targets from the model, which estimates the Gauss-Newton "
+                "matrix of the plain cross-entropy only; CrossEntropyLoss with class weights or label smoothing "
+                "is not supported by ggn-mc. Use method='fisher', 'hutchinson' or 'exact'."
+            )
         probs = F.softmax(y, dim=1).movedim(1, -1).reshape(-1, y.shape[1])
-        return categorical_draw(probs, generator).reshape(y.movedim(1, -1).shape[:-1])
+        drawn = categorical_draw(probs, generator).reshape(y.movedim(1, -1).shape[:-1])
+        ign = getattr(loss_fn, "ignore_index", -100)
+        if 0 <= ign < y.shape[1]:
+            raise NotImplementedError(
+                f"obd_ext curvature: ggn-mc with ignore_index={ign}, a class the model can draw, would drop the "
+                "draws of that class; use a negative ignore_index or method='fisher'."
+            )
+        if target is not None and not target.is_floating_point() and target.shape == drawn.shape:
+            drawn = torch.where(target == ign, torch.full_like(drawn, ign), drawn)
+        return drawn
     if isinstance(loss_fn, nn.BCEWithLogitsLoss) or loss_fn is F.binary_cross_entropy_with_logits:
+        if isinstance(loss_fn, nn.BCEWithLogitsLoss) and (loss_fn.weight is not None or loss_fn.pos_weight is not None):
+            raise NotImplementedError(
+                "obd_ext curvature: ggn-mc with BCEWithLogitsLoss(weight / pos_weight) is not supported; "
+                "use method='fisher', 'hutchinson' or 'exact'."
+            )
         return torch.bernoulli(torch.sigmoid(y), generator=generator)
     if isinstance(loss_fn, nn.MSELoss) or loss_fn is F.mse_loss:
         # sum (y - t)^2 is the negative log-likelihood of N(y, 1/2) up to constants
         return y + torch.randn(y.shape, generator=generator, dtype=y.dtype, device=y.device) * (0.5 ** 0.5)
-    boundary_for(loss_fn)  # raises the clear error for unsupported losses
-    raise AssertionError("unreachable")
+    _per_sample_kind(loss_fn)  # the clear error for a loss fisher cannot split
+    raise NotImplementedError(f"obd_ext curvature: ggn-mc has no predictive distribution for {_loss_name(loss_fn)}; "
+                              "use method='fisher', 'hutchinson' or 'exact'.")

@@ -50,12 +50,11 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.graph import GradientEdge
 
 from .. import ops
-from .losses import boundary_for, sampled_targets
+from .losses import per_sample_scale, sampled_targets
 
 __all__ = ["CHUNK_BYTES", "layerwise_squared"]
 
@@ -608,21 +607,6 @@ def _squared(p: Tensor, uses: List[_Use], lw: _Layerwise, budget: int) -> Tensor
     return acc.reshape(p.shape)
 
 
-def _loss_scale(loss_fn, out: Tensor, target: Tensor) -> float:
-    """The loss's reduction factor c (loss = c * sum of per-sample losses), without
-    computing the boundary."""
-    boundary_for(loss_fn)  # the clear error for a loss without a rule
-    red = getattr(loss_fn, "reduction", "mean")
-    if red == "sum":
-        return 1.0
-    if red != "mean":
-        raise ValueError(f"loss reduction must be 'mean' or 'sum' for curvature, got {red!r}")
-    if isinstance(loss_fn, nn.CrossEntropyLoss) or loss_fn is F.cross_entropy:
-        ign = getattr(loss_fn, "ignore_index", -100)
-        return 1.0 / max(int((target != ign).sum()), 1)
-    return 1.0 / max(out.numel(), 1)
-
-
 def layerwise_squared(model: nn.Module, loss_fn, x: Tensor, y: Tensor, params: Dict[str, Tensor],
                       sample_targets: bool, generator: Optional[torch.Generator], draws: int = 1,
                       budget: int = CHUNK_BYTES
@@ -646,7 +630,7 @@ def layerwise_squared(model: nn.Module, loss_fn, x: Tensor, y: Tensor, params: D
         return None, []
     with torch.enable_grad():
         out = model(x)
-    targets = [sampled_targets(out, loss_fn, generator) if sample_targets else y for _ in range(draws)]
+    targets = [sampled_targets(out, loss_fn, generator, y) if sample_targets else y for _ in range(draws)]
     if not isinstance(out, Tensor) or out.grad_fn is None:
         return None, targets
     names = {id(p): k for k, p in params.items()}
@@ -661,7 +645,7 @@ def layerwise_squared(model: nn.Module, loss_fn, x: Tensor, y: Tensor, params: D
             if u.cap not in caps:
                 caps.append(u.cap)
     for d, t in enumerate(targets):
-        scale = _loss_scale(loss_fn, out, t)
+        scale = per_sample_scale(loss_fn, out, t)
         grads: Dict[object, Tensor] = {}
         if caps:
             with torch.enable_grad():
