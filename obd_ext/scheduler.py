@@ -90,6 +90,9 @@ def _is_real(v: Any) -> bool:
 
 
 def _check_schedule(schedule: Any) -> List[float]:
+    if hasattr(schedule, "tolist") and not isinstance(schedule, (str, bytes)):  # a numpy array or a tensor
+        schedule = schedule.tolist()
+        schedule = schedule if isinstance(schedule, list) else [schedule]
     if isinstance(schedule, (str, bytes)) or not isinstance(schedule, Sequence):
         raise TypeError(f"schedule must be a list of target sparsities (one_shot / fixed / cubic), got {schedule!r}")
     if len(schedule) == 0:
@@ -162,6 +165,7 @@ def _check_params(model: nn.Module, params: Any, method: str) -> List[str]:
     if not names:
         raise ValueError("params: no parameters to prune " + (
             "(got an empty list)" if params is not None else "(the model has no Linear, conv or Embedding weights)"))
+    # Every name of every parameter: a weight tied to another is listed under both names.
     named = dict(model.named_parameters(remove_duplicate=False))
     seen = set()
     for n in names:
@@ -170,9 +174,11 @@ def _check_params(model: nn.Module, params: Any, method: str) -> List[str]:
         if n in seen:
             raise ValueError(f"params: {n!r} appears more than once")
         seen.add(n)
-        if n not in named:
+        # A layer pruned with torch.nn.utils.prune holds "<name>_orig" (and a mask); the Pruner adopts it.
+        p = named.get(n, named.get(n + "_orig"))
+        if p is None:
             raise ValueError(f"params: the model has no parameter named {n!r}")
-        if METHODS[method].needs_curvature and not named[n].requires_grad:
+        if METHODS[method].needs_curvature and not p.requires_grad:
             raise ValueError(f"params: {n!r} does not require grad, so method={method!r} has no curvature for it; "
                              "leave it out of params or use method='magnitude'")
     return names
@@ -210,22 +216,30 @@ def _optimizer_groups(optimizer: torch.optim.Optimizer) -> List[Dict[str, Any]]:
 
 
 def _show(value: Any, limit: int = 120) -> str:
-    text = json.dumps(value) if not isinstance(value, str) else repr(value)
+    text = repr(value)
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def _differences(recorded: Dict[str, Any], now: Dict[str, Any]) -> List[str]:
+    """The setup fields in which ``recorded`` (a checkpoint's meta) and ``now`` differ, each described."""
     out = []
     for field in _SETUP_FIELDS:
         a, b = recorded.get(field), now.get(field)
         if json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True):
             continue
+        if field == "optimizer_groups" and recorded.get("optimizer") != now.get("optimizer"):
+            continue  # another optimizer class has other hyperparameters; the class is reported
         if field == "parameters" and isinstance(a, list) and isinstance(b, list):
             ra, rb = {p[0]: p[1:] for p in a}, {p[0]: p[1:] for p in b}
             parts = [f"{k}: {ra[k]} -> {rb[k]}" for k in ra if k in rb and ra[k] != rb[k]]
             parts += [f"{k} only in the checkpoint" for k in ra if k not in rb]
             parts += [f"{k} only in the model" for k in rb if k not in ra]
             out.append(f"parameters ({'; '.join(parts[:4])}{'; ...' if len(parts) > 4 else ''})")
+        elif field == "optimizer_groups" and isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+            parts = [f"group {i} {k}: {_show(ga.get(k))} -> {_show(gb.get(k))}"
+                     for i, (ga, gb) in enumerate(zip(a, b)) for k in sorted(set(ga) | set(gb))
+                     if json.dumps(ga.get(k)) != json.dumps(gb.get(k))]
+            out.append(f"optimizer_groups ({'; '.join(parts[:4])}{'; ...' if len(parts) > 4 else ''})")
         else:
             out.append(f"{field} (checkpoint {_show(a)}, now {_show(b)})")
     return out
@@ -359,8 +373,9 @@ class OBDScheduler:
     def __repr__(self) -> str:
         done, total = self.next_round, len(self.schedule)
         target = self.schedule[min(done, total - 1)]
-        state = "stopped by the loss budget" if self.stopped else ("done" if done == total else f"next target {target:g}")
-        return (f"OBDScheduler(rounds {done}/{total} done, {state}, final target {self.schedule[-1]:g}, "
+        state = (", stopped by the loss budget" if self.stopped
+                 else "" if done == total else f", next target {target:g}")
+        return (f"OBDScheduler(rounds {done}/{total} done{state}, final target {self.schedule[-1]:g}, "
                 f"sparsity {self.pruner.sparsity:.4f}, method={self.method!r}, scope={self._setup['scope']!r}, "
                 f"pattern={self.pattern!r}, loss_budget={self.loss_budget!r}, checkpoint={self.checkpoint!r})")
 
