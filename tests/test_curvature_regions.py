@@ -119,3 +119,54 @@ def _pool_of(node, v):
     ks = list(node._saved_kernel_size)
     return pool(v, ks, list(node._saved_stride) or ks, list(node._saved_padding), bool(node._saved_ceil_mode),
                 bool(node._saved_count_include_pad), node._saved_divisor_override)
+
+
+# ---------------------------------------------------------------------------
+# Checkpointed blocks: a clear error for the reentrant kind, equal results otherwise
+# ---------------------------------------------------------------------------
+
+METHODS = ("obd", "lm", "fisher", "ggn-mc", "hutchinson", "exact")
+
+
+class Checkpointed(nn.Module):
+    """A block under torch.utils.checkpoint (or not: mode None), first or in the middle."""
+
+    def __init__(self, mode, first):
+        super().__init__()
+        torch.manual_seed(4)
+        self.a = nn.Linear(4, 4)
+        self.block = nn.Sequential(nn.Linear(4, 5), nn.Tanh())
+        self.b = nn.Linear(5, 3)
+        self.mode, self.first = mode, first
+
+    def forward(self, x):
+        h = x if self.first else torch.tanh(self.a(x))
+        if self.mode is None:
+            h = self.block(h)
+        else:
+            from torch.utils.checkpoint import checkpoint
+
+            h = checkpoint(self.block, h, use_reentrant=self.mode == "reentrant")
+        return self.b(h)
+
+
+@pytest.mark.parametrize("first", [True, False], ids=["block-first", "block-inside"])
+@pytest.mark.parametrize("method", METHODS)
+def test_reentrant_checkpoint_is_one_clear_error_for_every_method(method, first):
+    """fisher / ggn-mc gave exactly 0 for the block's parameters (block first) or failed
+    inside PyTorch; now every method raises the same error naming the fix."""
+    x, y = torch.randn(6, 4), torch.randint(0, 3, (6,))
+    from obd_ext.curvature import UnsupportedOpError
+
+    with pytest.raises(UnsupportedOpError, match=r"use_reentrant=True.*use_reentrant=False"):
+        hessian_diag(Checkpointed("reentrant", first), nn.CrossEntropyLoss(), (x, y), method=method, progress=False)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_non_reentrant_checkpoint_gives_the_unchecked_numbers(method):
+    x, y = torch.randn(6, 4), torch.randint(0, 3, (6,))
+    plain = hessian_diag(Checkpointed(None, False), nn.CrossEntropyLoss(), (x, y), method=method, progress=False)
+    ck = hessian_diag(Checkpointed("plain", False), nn.CrossEntropyLoss(), (x, y), method=method, progress=False)
+    for k in plain:
+        assert close(ck[k], plain[k]), (method, k)
+    assert float(ck["block.0.weight"].abs().max()) > 0

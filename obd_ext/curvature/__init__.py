@@ -22,6 +22,7 @@ from torch import Tensor
 
 from ..block_cache import cpu_block_cache
 from .estimators import exact, hutchinson, per_sample_squared
+from .graph import check_graph, checkpoint_guard
 from .losses import Boundary, boundary_for
 from .rules import UnsupportedOpError
 from .sweep import sweep
@@ -117,6 +118,12 @@ class CurvatureAccumulator:
             loss = acc.accumulate(out, y)     # the sweep; the graph stays intact
             loss_fn(out, y).backward(); opt.step(); opt.zero_grad()
         h = acc.result()                      # averaged over the batches seen
+
+    A block under ``torch.utils.checkpoint(..., use_reentrant=True)`` is a clear
+    error (use ``use_reentrant=False``); when none of such a block's inputs requires
+    grad it leaves no trace in the graph, which only ``hessian_diag`` (running the
+    forward itself) can catch: PyTorch's warning "None of the inputs have
+    requires_grad=True" is the sign in your own loop.
 
     Each ``accumulate`` reuses freed CPU blocks within its own sweep; wrap the
     loop in ``obd_ext.block_cache.cpu_block_cache()`` to reuse them from one
@@ -232,7 +239,8 @@ def hessian_diag(model: nn.Module, loss_fn, data, method: str = "obd", reduction
     except ImportError:  # pragma: no cover - tqdm is a dependency
         pass
     count = 0
-    with cpu_block_cache():  # forward, boundary and sweep of every batch reuse each other's blocks
+    # forward, boundary and sweep of every batch reuse each other's blocks
+    with cpu_block_cache(), checkpoint_guard(method):
         for x, y in batches:
             count += 1
             if method in ("obd", "lm"):
@@ -244,6 +252,7 @@ def hessian_diag(model: nn.Module, loss_fn, data, method: str = "obd", reduction
                                           samples=samples if method == "ggn-mc" else 1)
             else:
                 loss = loss_fn(model(x), y)
+                check_graph([loss.grad_fn], method)
                 part = hutchinson(loss, selected, samples, gen) if method == "hutchinson" else exact(loss, selected)
             for k, v in part.items():
                 total[k] = v.detach() if k not in total else total[k] + v.detach()

@@ -54,6 +54,7 @@ from torch import Tensor
 from torch.autograd.graph import GradientEdge
 
 from .. import ops
+from .graph import check_graph
 from .losses import per_sample_scale, sampled_targets
 
 __all__ = ["CHUNK_BYTES", "layerwise_squared"]
@@ -630,6 +631,8 @@ def layerwise_squared(model: nn.Module, loss_fn, x: Tensor, y: Tensor, params: D
         return None, []
     with torch.enable_grad():
         out = model(x)
+    if isinstance(out, Tensor):
+        check_graph([out.grad_fn], "ggn-mc" if sample_targets else "fisher")
     targets = [sampled_targets(out, loss_fn, generator, y) if sample_targets else y for _ in range(draws)]
     if not isinstance(out, Tensor) or out.grad_fn is None:
         return None, targets

@@ -21,6 +21,7 @@ from typing import Dict, List, Optional, Tuple
 
 from torch import Tensor
 
+from .graph import REENTRANT_CHECKPOINT_NODES, reentrant_checkpoint_error
 from .rules import SECOND_ORDER, Ctx, rule_for
 
 __all__ = ["sweep"]
@@ -68,6 +69,8 @@ def sweep(root, output_nr: int, seed: List[Optional[Tensor]], lm: bool,
     stack = [root]
     while stack:
         node = stack.pop()
+        if type(node).__name__ in REENTRANT_CHECKPOINT_NODES:  # before any work: never a silent zero
+            raise reentrant_checkpoint_error("lm" if lm else "obd")
         for child, _ in node.next_functions:
             if child is None:
                 continue
