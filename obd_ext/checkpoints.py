@@ -140,39 +140,48 @@ def write_checkpoint(path: str, meta: Dict[str, Any], state: Dict[str, Any], kee
                 os.remove(leftover)
 
 
-def _split(path: str, data: bytes) -> Tuple[Dict[str, Any], bytes]:
-    """Check the format, length and digest of ``data`` (the bytes of ``path``); return (header, payload)."""
-    if not data.startswith(_MAGIC):
-        if data.startswith(FORMAT.encode()):
+def _read(path: str) -> Tuple[Dict[str, Any], bytes]:
+    """Read ``path``, check its format, length and digest; return (header, payload bytes).
+
+    The payload is read as one bytes object and handed to ``torch.load``
+    through a BytesIO that shares it, so a checkpoint costs its size in memory
+    once while it is read.
+    """
+    with open(path, "rb") as f:
+        magic = f.readline(len(_MAGIC))
+        digest_line = f.readline(_MAX_DIGEST_LINE) if magic == _MAGIC else b""
+        header_line = f.readline() if digest_line.endswith(b"\n") else b""
+        payload = f.read()
+    if magic != _MAGIC:
+        if magic.startswith(FORMAT.encode()):
             raise CheckpointCorruptError(
-                f"checkpoint {path!r}: format {data[:len(_MAGIC)].strip().decode(errors='replace')!r} is not "
-                f"the one this obd_ext reads ({FORMAT} {FORMAT_VERSION})", path)
-        what = "is empty" if not data else ("is a plain torch.save file (written by an older obd_ext?)"
-                                             if data[:2] == b"PK" else "does not start with the checkpoint header")
-        raise CheckpointCorruptError(f"checkpoint {path!r} is not an obd_ext checkpoint: it {what} "
-                                     f"({len(data)} bytes)", path)
-    end = data.find(b"\n", len(_MAGIC), len(_MAGIC) + _MAX_DIGEST_LINE)
-    fields = data[len(_MAGIC):end].split(b" ") if end >= 0 else []
+                f"checkpoint {path!r}: format {magic.strip().decode(errors='replace')!r} is not the one this "
+                f"obd_ext reads ({FORMAT} {FORMAT_VERSION})", path)
+        size = os.path.getsize(path)
+        what = ("is empty" if size == 0 else "is a plain torch.save file (written by an older obd_ext?)"
+                if magic[:2] == b"PK" else "does not start with the checkpoint header")
+        raise CheckpointCorruptError(f"checkpoint {path!r} is not an obd_ext checkpoint: it {what} ({size} bytes)",
+                                     path)
+    fields = digest_line.rstrip(b"\n").split(b" ")
     try:
-        if len(fields) != 3 or fields[0] != b"sha256":
+        if not digest_line.endswith(b"\n") or len(fields) != 3 or fields[0] != b"sha256":
             raise ValueError
         expected, size = fields[1].decode(), int(fields[2])
     except ValueError:
         raise CheckpointCorruptError(f"checkpoint {path!r} is damaged: its checksum line is unreadable "
-                                     f"(or the file is cut short at {len(data)} bytes)", path) from None
-    body = memoryview(data)[end + 1:]
-    if len(body) != size:
+                                     f"(or the file is cut short at {os.path.getsize(path)} bytes)", path) from None
+    got = len(header_line) + len(payload)
+    if got != size:
         raise CheckpointCorruptError(
-            f"checkpoint {path!r} is {'truncated' if len(body) < size else 'longer than written'}: "
-            f"{len(body)} bytes after its checksum line, {size} written", path)
-    actual = hashlib.sha256(body).hexdigest()
-    if actual != expected:
-        raise CheckpointCorruptError(f"checkpoint {path!r} is corrupted: sha256 of its contents is {actual}, "
-                                     f"{expected} when written", path)
-    newline = data.find(b"\n", end + 1)
+            f"checkpoint {path!r} is {'truncated' if got < size else 'longer than written'}: "
+            f"{got} bytes after its checksum line, {size} written", path)
+    digest = hashlib.sha256(header_line)
+    digest.update(payload)
+    if digest.hexdigest() != expected:
+        raise CheckpointCorruptError(f"checkpoint {path!r} is corrupted: sha256 of its contents is "
+                                     f"{digest.hexdigest()}, {expected} when written", path)
     try:
-        header = json.loads(bytes(data[end + 1:newline]))
-        payload = bytes(data[newline + 1:])
+        header = json.loads(header_line)
         if len(payload) != header["payload_bytes"]:
             raise ValueError
     except (ValueError, KeyError, TypeError):
@@ -183,9 +192,7 @@ def _split(path: str, data: bytes) -> Tuple[Dict[str, Any], bytes]:
 
 def read_header(path: str) -> Dict[str, Any]:
     """The ``meta`` of the checkpoint at ``path``, after checking the format, length and digest."""
-    with open(path, "rb") as f:
-        data = f.read()
-    return _split(path, data)[0]["meta"]
+    return _read(path)[0]["meta"]
 
 
 def read_checkpoint(path: str) -> Tuple[Dict[str, Any], Dict[str, Any]]:
@@ -198,9 +205,7 @@ def read_checkpoint(path: str) -> Tuple[Dict[str, Any], Dict[str, Any]]:
         CheckpointCorruptError: the file is cut short, changed since it was
             written, or not an obd_ext checkpoint; the message names it.
     """
-    with open(path, "rb") as f:
-        data = f.read()
-    header, payload = _split(path, data)
+    header, payload = _read(path)
     try:
         state = torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
     except Exception as e:  # the digest matched: the writer wrote something weights_only cannot read
