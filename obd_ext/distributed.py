@@ -60,7 +60,6 @@ from __future__ import annotations
 
 import math
 import numbers
-import struct
 import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -71,9 +70,11 @@ import torch.distributed as dist
 from torch import Tensor
 
 from . import ops
-from .constants import STAT_DELETED_BEFORE, STAT_DELETED_NOW, STAT_MAX_DELETED, STAT_SALIENCY_SUM, STAT_SKIPPED
+from .constants import STAT_DELETED_NOW, STAT_MAX_DELETED, STAT_SALIENCY_SUM
 from .ops import saliency
-from .selection import Selection, _factor, _masks, _resolve_k, _skip
+from .saliency_keys import order_key, saliency_keys
+from .selection import Selection
+from .selection_checks import check_factor, check_finite, check_nonfinite, check_pool, resolve_k
 
 __all__ = [
     "ShardedSelection",
@@ -92,7 +93,7 @@ _CHUNK = 1 << 22  # elements per key computation: bounds the temporaries, not th
 _OP = "obd_ext.distributed.prune_global_sharded_"
 
 
-@dataclass
+@dataclass(repr=False)
 class ShardedSelection(Selection):
     """What a sharded selection did: local masks, global statistics.
 
@@ -381,20 +382,9 @@ def _key_bits(wide: bool) -> int:
 
 
 def _keys(w: Tensor, h: Tensor, wide: bool) -> Tensor:
-    """The kernels' order-preserving unsigned keys of the saliencies, as int64 bit patterns.
-
-    32-bit keys are non-negative int64 values; 64-bit keys use all 64 bits
-    (digits are extracted with shifts and masks, never compared as numbers).
-    """
+    """The kernels' keys (:func:`obd_ext.saliency_keys.saliency_keys`) of the saliencies of (w, h)."""
     s = saliency(w, h)
-    s = torch.where(torch.isnan(s), math.nan, s)  # any NaN -> the positive quiet NaN, as key_of does
-    if wide:
-        u = s.to(torch.float64).view(torch.int64)
-        u = torch.where(u == -(1 << 63), 0, u)  # -0.0 -> +0.0
-        return torch.where(u < 0, ~u, u ^ -(1 << 63))
-    u = s.view(torch.int32).to(torch.int64)
-    u = torch.where(u == -(1 << 31), 0, u)
-    return torch.where(u < 0, -1 - u, u + (1 << 31))
+    return saliency_keys(s.to(torch.float64) if wide else s)
 
 
 def _chunks(weights: Sequence[Tensor], curvatures: Sequence[Tensor], masks: Sequence[Tensor]):
@@ -447,10 +437,20 @@ def _local_deletions(weights, curvatures, masks, wide: bool, want: int, rank: in
             return below_local + min(max(r - earlier, 0), in_bin)
 
 
-def _first_nonfinite(weights, curvatures, masks) -> List[float]:
+def _tensors(x) -> List[Tensor]:
+    """The tensors among a (possibly malformed) argument, for choosing the communication device."""
+    if isinstance(x, Tensor):
+        return [x]
+    try:
+        return [t for t in x if isinstance(t, Tensor)]
+    except TypeError:
+        return []
+
+
+def _first_nonfinite(weights, curvature, masks) -> List[float]:
     """[tensor, flat index, pool index, is weight, value] of the first alive non-finite entry."""
     offset = 0
-    for i, (w, h, m) in enumerate(zip(weights, curvatures, masks)):
+    for i, (w, h, m) in enumerate(zip(weights, curvature, masks)):
         wf, hf = w.detach().reshape(-1), h.detach().reshape(-1)
         bad = (m.reshape(-1) & ~(torch.isfinite(wf) & torch.isfinite(hf))).nonzero()
         if bad.numel():
@@ -470,26 +470,23 @@ def _code(v, kind) -> Tuple[float, float]:
     return 1.0, float(v)
 
 
-def _local_row(weights, curvatures, masks, k, sparsity, nonfinite) -> List[float]:
-    """Validate this rank's arguments (the kernel's own checks, with k=0) and count its pool."""
-    for name, ts in (("weights", weights), ("curvatures", curvatures), ("masks", masks)):
-        for i, t in enumerate(ts):
-            if not isinstance(t, Tensor):
-                raise TypeError(f"{_OP}: {name}[{i}] must be a Tensor, got {type(t).__name__}")
+def _local_row(pool, k, sparsity, keep: bool) -> List[float]:
+    """Count this rank's (checked) pool: entries, already deleted, non-finite, and the first of those."""
+    weights, curvature, masks = pool.weights, pool.curvature, pool.masks
     row = [0.0] * _ROW
     row[_K_STATE], row[_K] = _code(k, numbers.Integral)
     row[_SPARSITY_STATE], row[_SPARSITY] = _code(sparsity, numbers.Real)
-    row[_KEEP] = float(_skip(nonfinite))
+    row[_KEEP] = float(keep)
     row[_BAD_TENSOR] = -1.0
-    row[_NUMEL] = float(sum(h.numel() for h in curvatures))
-    row[_WIDE] = float(any(t.dtype == torch.float64 for t in (*weights, *curvatures)))
-    if not curvatures:
+    row[_NUMEL] = float(pool.numel)
+    row[_WIDE] = float(any(t.dtype == torch.float64 for t in (*weights, *curvature)))
+    if not curvature:
         return row
-    with torch.no_grad():
-        st = ops.global_select_(weights, curvatures, masks, 0, None, True).tolist()
-    row[_BEFORE], row[_NONFINITE] = st[STAT_DELETED_BEFORE], st[STAT_SKIPPED]
-    if row[_NONFINITE] and nonfinite == "error":
-        row[_BAD_TENSOR:_BAD_VALUE + 1] = _first_nonfinite(weights, curvatures, masks)
+    # Counted here, not by the kernel with k=0: that call would bump the version counters of tensors it does not change.
+    row[_BEFORE] = float(sum(int((~m).sum()) for m in masks))
+    row[_NONFINITE] = float(sum(check_finite(pool, keep=True)))
+    if row[_NONFINITE] and not keep:
+        row[_BAD_TENSOR:_BAD_VALUE + 1] = _first_nonfinite(weights, curvature, masks)
     return row
 
 
@@ -506,25 +503,19 @@ def _nonfinite_error(rows: Tensor) -> RuntimeError:
     r = int(rows[:, _NONFINITE].gt(0).nonzero()[0, 0])
     i, j = int(rows[r, _BAD_TENSOR]), int(rows[r, _BAD_INDEX])
     pool = int(rows[:r, _NUMEL].sum()) + int(rows[r, _BAD_POOL])
-    which = "weights" if rows[r, _BAD_IS_W] else "curvatures"
-    return RuntimeError(
+    which = "weights" if rows[r, _BAD_IS_W] else "curvature"
+    return ValueError(
         f"{_OP}: rank {r}: {which}[{i}] (that rank's local tensor {i}) has a non-finite value "
         f"({float(rows[r, _BAD_VALUE])}) at flat index {j} (global pool index {pool}); pass nonfinite='keep' to "
         "treat non-finite entries as never prunable"
     )
 
 
-def _order_key(x: float) -> int:
-    """The 64-bit order-preserving key of a float64 (as the kernels compare saliencies)."""
-    (u,) = struct.unpack("<Q", struct.pack("<d", 0.0 if x == 0 else x))
-    return (~u & (2 ** 64 - 1)) if u >> 63 else u | (1 << 63)
-
-
 def _merge_stats(rows: Tensor) -> Tuple[int, float, float]:
     """(deleted, max, sum) over ranks: counts add, the max is by key, sums add in rank order."""
     now = int(rows[:, 0].sum())
     done = [float(v) for n, v in zip(rows[:, 0].tolist(), rows[:, 1].tolist()) if n > 0]
-    best = max(done, key=_order_key) if done else math.nan
+    best = max(done, key=order_key) if done else math.nan
     total = 0.0
     for v in rows[:, 2].tolist():
         total += v
@@ -533,7 +524,7 @@ def _merge_stats(rows: Tensor) -> Tuple[int, float, float]:
 
 def prune_global_sharded_(
     weights: Sequence[Tensor],
-    curvatures: Sequence[Tensor],
+    curvature: Sequence[Tensor],
     *,
     k: Optional[int] = None,
     sparsity: Optional[float] = None,
@@ -554,7 +545,7 @@ def prune_global_sharded_(
     Args:
         weights: this rank's pieces, any shapes and float dtypes, on one device
             (may be empty: a rank that owns nothing still takes part).
-        curvatures: one curvature tensor per piece (same shape).
+        curvature: one curvature tensor per piece (same shape).
         k: entries deleted wanted in the whole pool (already deleted ones
             count); the same on every rank.
         sparsity: or the fraction of the whole pool to have deleted, in [0, 1].
@@ -566,31 +557,36 @@ def prune_global_sharded_(
 
     Returns:
         A :class:`ShardedSelection`: this rank's masks, global statistics.
+
+    Raises:
+        TypeError, ValueError: on every rank together, before anything is
+            written: a bad argument on any rank (that rank raises its own
+            error, the others name it), or a non-finite entry.
     """
+    weights_in, curvature_in, masks_in = weights, curvature, masks
     rank, _ = _group_info(group, _OP)
-    weights, curvatures = list(weights), list(curvatures)
-    device = _comm_device(curvatures, group)
     error: Optional[BaseException] = None
     row = [0.0] * _ROW
+    skip = False
+    weights = curvature = masks = []
     try:
-        if len(weights) != len(curvatures):
-            raise ValueError(f"weights and curvatures must pair up, got {len(weights)} and {len(curvatures)}")
-        masks = _masks(masks, curvatures)
-        factor = _factor(factor)
-        row = _local_row(weights, curvatures, masks, k, sparsity, nonfinite)
+        factor, skip = check_factor(factor), check_nonfinite(nonfinite)
+        pool = check_pool(_OP, weights_in, curvature_in, masks_in, writes_weights=factor is not None)
+        weights, curvature, masks = pool.weights, pool.curvature, pool.masks
+        row = _local_row(pool, k, sparsity, skip)
     except (ValueError, TypeError, RuntimeError) as e:
         error = e
+    device = _comm_device(curvature if curvature else [t for t in _tensors(curvature_in)], group)
     rows = _exchange(_OP, row, error, device, group)
     _check_agreement(rows)
     n = int(rows[:, _NUMEL].sum())
-    k = _resolve_k(k, sparsity, n, "the number of entries in the whole pool")
-    skip = nonfinite == "keep"
     if rows[:, _NONFINITE].sum() > 0 and not skip:
         raise _nonfinite_error(rows)
     bad = int(rows[:, _NONFINITE].sum()) if skip else 0
-    if k > n - bad:
-        raise RuntimeError(f"{_OP}: k must be in [0, {n - bad}] (the pool has {n} entries"
-                           f"{', minus the non-finite ones' if bad else ''}), got {k}")
+    try:
+        k = resolve_k(k, sparsity, n, "the number of entries in the whole pool", bad)
+    except ValueError as e:
+        raise ValueError(f"{_OP}: {e}") from None
     before = int(rows[:, _BEFORE].sum())
     want = max(k - before, 0)
     wide = bool(rows[:, _WIDE].max() > 0)
@@ -599,12 +595,12 @@ def prune_global_sharded_(
     sel = ShardedSelection(masks, deleted_before=before, skipped_nonfinite=bad, numel=n, local=local)
     if want == 0:
         return sel
-    mine = _local_deletions(weights, curvatures, masks, wide, want, rank, device, group)
+    mine = _local_deletions(weights, curvature, masks, wide, want, rank, device, group)
     stats, error = [0.0, math.nan, 0.0], None
     try:
         if mine:
             with torch.no_grad():
-                st = ops.global_select_(weights, curvatures, masks, local_before + mine, factor, skip).tolist()
+                st = ops.global_select_(weights, curvature, masks, local_before + mine, factor, skip).tolist()
             local.deleted_now, local.max_saliency = int(st[STAT_DELETED_NOW]), st[STAT_MAX_DELETED]
             local.predicted_increase = st[STAT_SALIENCY_SUM]
             if local.deleted_now != mine:
@@ -619,7 +615,7 @@ def prune_global_sharded_(
 
 def select_global_sharded(
     weights: Sequence[Tensor],
-    curvatures: Sequence[Tensor],
+    curvature: Sequence[Tensor],
     *,
     k: Optional[int] = None,
     sparsity: Optional[float] = None,
@@ -628,6 +624,6 @@ def select_global_sharded(
     group=None,
 ) -> ShardedSelection:
     """Like :func:`prune_global_sharded_` but leaves the weights and the input masks untouched."""
-    masks = None if masks is None else [m.clone() for m in masks]
-    return prune_global_sharded_(weights, curvatures, k=k, sparsity=sparsity, masks=masks, factor=None,
+    masks = None if masks is None else [m.clone() if isinstance(m, Tensor) else m for m in masks]
+    return prune_global_sharded_(weights, curvature, k=k, sparsity=sparsity, masks=masks, factor=None,
                                  nonfinite=nonfinite, group=group)

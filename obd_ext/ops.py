@@ -18,7 +18,7 @@ from .constants import NUM_STATS, saliency_dtype
 
 __all__ = ["saliency", "group_saliency", "global_select_", "row_select_", "nm_select_", "activation_hessian",
            "softmax_hessian", "layer_norm_hessian", "cross_entropy_boundary", "squared_mm", "squared_conv",
-           "column_sq_sum_"]
+           "column_sq_sum_", "MUTATING_OPS"]
 
 _ops = torch.ops.obd_ext
 
@@ -212,6 +212,71 @@ def _squared_mm_direct_fake(a, b, square_a, square_b):
 # ---------------------------------------------------------------------------
 # Autograd: ds/dw = h w, ds/dh = w^2 / 2 (the forward's math, in torch ops).
 # ---------------------------------------------------------------------------
+
+
+# ---------------------------------------------------------------------------
+# In-place semantics of the mutating ops: version counters and autograd.
+# ---------------------------------------------------------------------------
+
+MUTATING_OPS = ("global_select_", "row_select_", "nm_select_", "column_sq_sum_")
+"""The ops with ``Tensor(a!)`` arguments: they behave like torch's own in-place ops."""
+
+# Why a Python registration: a TORCH_LIBRARY op's mutable arguments get no
+# version-counter bump by themselves (torch's generated ADInplaceOrView kernels
+# exist only for aten ops), so a graph that saved a weight would silently
+# back-propagate through the pruned values. These kernels do what torch's own
+# in-place ops do, at the same dispatch keys: ADInplaceOrView bumps the version
+# of every written tensor after the kernel succeeded (a failed call changes
+# nothing, so it bumps nothing), and Autograd refuses, in grad mode, to write a
+# tensor that requires grad (the ops have no derivative). Traced calls
+# (torch.compile's functionalization, opcheck) pass through the same keys.
+# There is no public API to redispatch below a key; torch.library.custom_op
+# uses the same keyset (torch/_library/custom_ops.py).
+_impl_lib = torch.library.Library("obd_ext", "IMPL")  # noqa: TOR901 - lives as long as the module
+
+
+def _written(schema, args) -> list:
+    """The tensors an op call writes (its ``Tensor(a!)`` and ``Tensor(a!)[]`` arguments)."""
+    out = []
+    for arg, value in zip(schema.arguments, args):
+        if arg.alias_info is not None and arg.alias_info.is_write and value is not None:
+            out.extend(value if isinstance(value, (list, tuple)) else [value])
+    return out
+
+
+def _register_inplace(name: str) -> None:
+    op = getattr(_ops, name).default
+    schema = op._schema
+    below_inplace = torch._C._after_ADInplaceOrView_keyset
+    below_autograd = torch._C._after_autograd_keyset
+
+    def inplace_or_view(keyset, *args):
+        written = _written(schema, args)
+        for t in written:
+            if t.is_inference() and not torch.is_inference_mode_enabled():
+                raise RuntimeError(f"obd_ext.{name}: Inplace update to inference tensor outside InferenceMode is "
+                                   "not allowed (as for torch's own in-place ops)")
+        out = op.redispatch(keyset & below_inplace, *args)
+        for t in written:
+            torch.autograd.graph.increment_version(t)
+        return out
+
+    def autograd(keyset, *args):
+        if torch.is_grad_enabled():
+            for t in _written(schema, args):
+                if t.requires_grad:
+                    raise RuntimeError(
+                        f"obd_ext.{name} writes a tensor that requires grad in place and has no derivative; call "
+                        "it under torch.no_grad() (obd_ext's prune_* functions do), as for torch's own in-place ops "
+                        "on leaves that require grad")
+        return op.redispatch(keyset & below_autograd, *args)
+
+    _impl_lib.impl(name, inplace_or_view, "ADInplaceOrView", with_keyset=True)
+    _impl_lib.impl(name, autograd, "Autograd", with_keyset=True)
+
+
+for _name in MUTATING_OPS:
+    _register_inplace(_name)
 
 
 def _saliency_setup(ctx, inputs, output) -> None:

@@ -1,27 +1,36 @@
-"""Saliency-based selection for users: counts or sparsities, scopes, names.
+"""Saliency-based selection for users: counts or sparsities, scopes, N:M patterns, names.
 
-Every function here takes weights and curvatures (the diagonal of the Hessian,
+Every function here takes weights and curvature (the diagonal of the Hessian,
 or any per-entry curvature estimate), computes OBD saliency ``s = h w^2 / 2``
-inside the kernels, and deletes the lowest-saliency entries within a *scope*:
+inside the kernels, and deletes the lowest-saliency entries within a *scope*
+(:data:`obd_ext.vocabulary.SCOPES`):
 
 - ``global``: one pool over all tensors (the paper's rule; exact k, no concat);
 - ``layer``: each tensor its own pool, same sparsity everywhere;
 - ``row``: each output row its own pool (what works best for LLMs);
-- ``nm``: N:M, keep ``n`` of every ``m`` consecutive inputs (2:4 for GPUs);
 - ``group``: structured; whole units / conv channels by summed saliency.
+
+and a *pattern*: ``"unstructured"``, or ``"N:M"`` such as ``"2:4"`` (keep the
+N most salient of every M consecutive inputs, within each row; sparsity
+1 - N/M).
 
 Masks are bool *keep* masks (``True`` = kept), as in ``torch.nn.utils.prune``.
 Entries already deleted count towards the target and stay deleted. Functions
 ending in ``_`` also write the weights in place: deleted entries are zeroed,
 or multiplied by ``factor`` (the paper's "decrease instead of delete").
 Equal saliencies are deleted in order of tensor index, then flat index.
+
+Every call is atomic: all arguments are checked
+(:mod:`obd_ext.selection_checks`) before anything is written, so an error
+leaves every weight and mask as it was. The writes are real in-place
+operations: they bump the tensors' version counters like ``Tensor.mul_``, so a
+backward through a graph that saved a pruned weight raises instead of using
+the new values.
 """
 
 from __future__ import annotations
 
 import math
-import numbers
-import re
 from dataclasses import dataclass, field
 from typing import List, Optional, Sequence
 
@@ -30,6 +39,9 @@ from torch import Tensor
 
 from . import ops
 from .constants import STAT_DELETED_BEFORE, STAT_DELETED_NOW, STAT_MAX_DELETED, STAT_SALIENCY_SUM, STAT_SKIPPED
+from .selection_checks import (Pool, check_factor, check_finite, check_nonfinite, check_pool, check_sparsity,
+                               count_for_sparsity, resolve_k)
+from .vocabulary import SCOPES, check_pattern_sparsity, check_scope, parse_pattern
 
 __all__ = [
     "Selection",
@@ -46,10 +58,11 @@ __all__ = [
     "prune_",
 ]
 
-SCOPES = ("global", "layer", "row", "nm", "group")
+# The N:M kernels keep at most this many entries per group in registers.
+_MAX_M = 1024
 
 
-@dataclass
+@dataclass(repr=False)
 class Selection:
     """What a selection did.
 
@@ -60,7 +73,9 @@ class Selection:
         skipped_nonfinite: non-finite entries left alone (``nonfinite="keep"``).
         max_saliency: largest saliency deleted by this call (NaN if none).
         predicted_increase: sum of the deleted saliencies: OBD's prediction
-            of the increase of the objective (EQUATIONS.md, eq. 3).
+            of the increase of the objective (the paper's eq. 3).
+        per_tensor: for the per-tensor scopes of :func:`prune_` and
+            :func:`prune_layers_`, one Selection per tensor.
     """
 
     masks: List[Tensor]
@@ -69,7 +84,7 @@ class Selection:
     skipped_nonfinite: int = 0
     max_saliency: float = math.nan
     predicted_increase: float = 0.0
-    per_tensor: List["Selection"] = field(default_factory=list, repr=False)
+    per_tensor: List["Selection"] = field(default_factory=list)
 
     def _add(self, stats: Tensor) -> None:
         """Accumulate the float64 statistics an op returned."""
@@ -78,9 +93,25 @@ class Selection:
                                st[STAT_MAX_DELETED], st[STAT_SALIENCY_SUM]))
 
     @property
+    def numel(self) -> int:
+        """Entries of all the masks."""
+        return sum(m.numel() for m in self.masks)
+
+    @property
     def sparsity(self) -> float:
-        total = sum(m.numel() for m in self.masks)
+        """Fraction of all entries deleted after the call."""
+        total = self.numel
         return (self.deleted_now + self.deleted_before) / total if total else 0.0
+
+    def _summary(self) -> str:
+        return (f"tensors={len(self.masks)}, numel={self.numel}, deleted_now={self.deleted_now}, "
+                f"deleted_before={self.deleted_before}, sparsity={self.sparsity:.4g}, "
+                f"skipped_nonfinite={self.skipped_nonfinite}, max_saliency={self.max_saliency:.6g}, "
+                f"predicted_increase={self.predicted_increase:.6g}")
+
+    def __repr__(self) -> str:
+        # A summary, never the masks: a model's masks would print megabytes.
+        return f"{type(self).__name__}({self._summary()})"
 
 
 def _merge(total: Selection, part: Selection) -> None:
@@ -96,87 +127,98 @@ def _merge(total: Selection, part: Selection) -> None:
 
 
 # ---------------------------------------------------------------------------
-# Argument rules (one place each)
+# Inner functions: they trust their (checked) arguments.
 # ---------------------------------------------------------------------------
 
 
-def check_sparsity(sparsity: float, name: str = "sparsity") -> float:
-    """Raise ValueError unless ``sparsity`` is a real number in [0, 1]."""
-    if isinstance(sparsity, bool) or not isinstance(sparsity, numbers.Real) or not 0.0 <= float(sparsity) <= 1.0:
-        raise ValueError(f"{name} must be a number in [0, 1], got {sparsity!r}")
-    return float(sparsity)
-
-
-def count_for_sparsity(sparsity: float, n: int) -> int:
-    """Entries deleted at ``sparsity`` out of ``n`` (rounded like torch.nn.utils.prune)."""
-    return int(round(check_sparsity(sparsity) * n))
-
-
-def _resolve_k(k: Optional[int], sparsity: Optional[float], n: int, what: str) -> int:
-    if (k is None) == (sparsity is None):
-        raise ValueError(f"give exactly one of k and sparsity, got k={k!r}, sparsity={sparsity!r}")
-    if sparsity is not None:
-        return count_for_sparsity(sparsity, n)
-    if isinstance(k, bool) or not isinstance(k, numbers.Integral):
-        raise ValueError(f"k must be an integer, got {k!r}")
-    if not 0 <= k <= n:
-        raise ValueError(f"k must be in [0, {n}] ({what}), got {k}")
-    return int(k)
-
-
-def _skip(nonfinite: str) -> bool:
-    if nonfinite not in ("error", "keep"):
-        raise ValueError(f"nonfinite must be 'error' or 'keep', got {nonfinite!r}")
-    return nonfinite == "keep"
-
-
-def _factor(factor: Optional[float]) -> Optional[float]:
-    if factor is None:
-        return None
-    if not isinstance(factor, numbers.Real) or not math.isfinite(factor):
-        raise ValueError(f"factor must be a finite number, got {factor!r}")
-    return float(factor)
-
-
-def _masks(masks: Optional[Sequence[Tensor]], like: Sequence[Tensor]) -> List[Tensor]:
-    if masks is None:
-        return [torch.ones(t.shape, dtype=torch.bool, device=t.device) for t in like]
-    masks = list(masks)
-    if len(masks) != len(like):
-        raise ValueError(f"masks must have one tensor per weight: got {len(masks)} masks for {len(like)} weights")
-    return masks
-
-
-def _named(fn, names, *args):
-    """Call an op without autograd; on error, add the user's tensor names to the message.
-
-    ``names`` is a list (pool ops: 'weights[i]' gains the i-th name), a single
-    name (one-tensor ops: the message is prefixed with it), or None.
-    """
-    try:
+def _run_global(pool: Pool, k: int, factor: Optional[float], keep: bool) -> Selection:
+    sel = Selection(pool.masks)
+    if pool.curvature:
         with torch.no_grad():
-            return fn(*args)
-    except RuntimeError as e:
-        if not names:
-            raise
-        if isinstance(names, str):
-            raise RuntimeError(f"{names}: {e}") from None
-        msg = re.sub(
-            r"\b(weights|curvatures|masks)\[(\d+)\]",
-            lambda m: f"{m.group(0)} ('{names[int(m.group(2))]}')" if int(m.group(2)) < len(names) else m.group(0),
-            str(e),
-        )
-        raise RuntimeError(msg) from None
+            sel._add(ops.global_select_(pool.weights, pool.curvature, pool.masks, k, factor, keep))
+    return sel
+
+
+def _run_each(pool: Pool, ks: Sequence[int], factor: Optional[float], keep: bool, rows: bool,
+              nm: Optional[tuple] = None) -> Selection:
+    """One selection per tensor (layer, row or N:M), with per-tensor results."""
+    sel = Selection(pool.masks)
+    with torch.no_grad():
+        for i, (h, m) in enumerate(zip(pool.curvature, pool.masks)):
+            part = Selection([m])
+            w = pool.weights[i]
+            if nm is not None:
+                part._add(ops.nm_select_(w, h, m, nm[0], nm[1], factor, keep))
+            elif rows:
+                part._add(ops.row_select_(w, h, m, ks[i], factor, keep))
+            else:
+                part._add(ops.global_select_([w], [h], [m], ks[i], factor, keep))
+            sel.per_tensor.append(part)
+            _merge(sel, part)
+    return sel
+
+
+def _rows_cols(shape) -> tuple:
+    """Rows of a weight: dim 0, everything else flattened (a conv's output channel)."""
+    if len(shape) == 0:
+        return 1, 1
+    return shape[0], math.prod(shape[1:])
+
+
+def _segments(t: Tensor, nm: Optional[tuple]) -> Tensor:
+    """``t`` as (segments x entries): rows, or N:M groups along the input dimension."""
+    if nm is None:
+        return t.reshape(_rows_cols(t.shape))
+    m = nm[1]
+    d = 1 if t.dim() >= 2 else 0
+    c = t.shape[d]
+    outer, inner = math.prod(t.shape[:d]), math.prod(t.shape[d + 1:])
+    return t.reshape(outer, c // m, m, inner).permute(0, 1, 3, 2).reshape(-1, m)
+
+
+def _check_segments(pool: Pool, bad: Sequence[int], target: Sequence[int], nm: Optional[tuple]) -> None:
+    """With non-finite entries kept, every segment must still hold the entries it has to delete."""
+    for i, nbad in enumerate(bad):
+        if not nbad:
+            continue
+        w, h, m = pool.weights[i], pool.curvature[i], pool.masks[i]
+        alive = _segments(m, nm)
+        finite = _segments(torch.isfinite(w) & torch.isfinite(h), nm)
+        want = (target[i] - (~alive).sum(1)).clamp(min=0)
+        short = (want > (alive & finite).sum(1)).nonzero()
+        if short.numel():
+            s = int(short[0, 0])
+            what = f"row {s}" if nm is None else f"{nm[0]}:{nm[1]} group {s}"
+            raise ValueError(f"{pool.where}: {what} of {pool.label(pool.weights_arg, i)} has too few finite entries "
+                             f"to delete the {target[i]} wanted (its non-finite ones are kept, nonfinite='keep')")
+
+
+def _check_nm_shape(pool: Pool, nm: tuple, pattern: str) -> None:
+    if nm[1] > _MAX_M:
+        raise ValueError(f"{pool.where}: pattern {pattern!r}: M must be at most {_MAX_M}")
+    for i, w in enumerate(pool.weights):
+        d = 1 if w.dim() >= 2 else 0
+        if w.dim() == 0 or w.shape[d] % nm[1]:
+            raise ValueError(f"{pool.where}: pattern {pattern!r} needs the input dimension (dim {d}) of "
+                             f"{pool.label(pool.weights_arg, i)} to be a multiple of {nm[1]}, got shape "
+                             f"{tuple(w.shape)}")
+
+
+def _nm_of(pattern: str, where: str) -> tuple:
+    nm = parse_pattern(pattern)
+    if nm is None:
+        raise ValueError(f"{where}: needs an N:M pattern such as '2:4', got {pattern!r}")
+    return nm
 
 
 # ---------------------------------------------------------------------------
-# Scopes
+# Public entry points: each checks everything once, then runs.
 # ---------------------------------------------------------------------------
 
 
 def prune_global_(
     weights: Sequence[Tensor],
-    curvatures: Sequence[Tensor],
+    curvature: Sequence[Tensor],
     *,
     k: Optional[int] = None,
     sparsity: Optional[float] = None,
@@ -188,36 +230,38 @@ def prune_global_(
     """Delete the lowest-saliency entries over all tensors as one pool.
 
     Args:
-        weights: tensors of any shapes and float dtypes, on one device.
-        curvatures: one curvature tensor per weight (same shape, any float dtype).
+        weights: tensors of any shapes and float dtypes, on one device, each
+            passed once (no two may share memory).
+        curvature: one curvature tensor per weight (same shape, any float dtype).
         k: number of deleted entries wanted in total (already deleted ones count).
         sparsity: or the fraction of all entries to have deleted, in [0, 1].
         masks: current keep-masks (updated in place); all-kept if None.
         factor: multiply deleted weights by this (0 deletes); None leaves the
             weights untouched and only writes masks.
-        nonfinite: "error" (default) raises on NaN/Inf naming the tensor and
-            position; "keep" treats such entries as never prunable.
+        nonfinite: "error" (default) raises on NaN/Inf in a kept entry, naming
+            the tensor and position; "keep" treats such entries as never prunable.
         names: tensor names for error messages (e.g. parameter names).
 
     Returns:
         A :class:`Selection` with the masks and what was deleted.
+
+    Raises:
+        TypeError, ValueError: a bad argument, named; nothing was written.
     """
-    weights, curvatures = list(weights), list(curvatures)
-    if len(weights) != len(curvatures):
-        raise ValueError(f"weights and curvatures must pair up, got {len(weights)} and {len(curvatures)}")
-    masks = _masks(masks, curvatures)
-    n = sum(h.numel() for h in curvatures)
-    k = _resolve_k(k, sparsity, n, "the number of entries")
-    sel = Selection(masks)
-    if not curvatures:
-        return sel
-    sel._add(_named(ops.global_select_, names, weights, curvatures, masks, k, _factor(factor), _skip(nonfinite)))
-    return sel
+    return _prune_global("obd_ext.prune_global_", weights, curvature, k, sparsity, masks, factor, nonfinite, names)
+
+
+def _prune_global(where, weights, curvature, k, sparsity, masks, factor, nonfinite, names) -> Selection:
+    factor, keep = check_factor(factor), check_nonfinite(nonfinite)
+    pool = check_pool(where, weights, curvature, masks, names=names, writes_weights=factor is not None)
+    bad = check_finite(pool, keep)
+    k = resolve_k(k, sparsity, pool.numel, "the number of entries", sum(bad))
+    return _run_global(pool, k, factor, keep)
 
 
 def select_global(
     weights: Sequence[Tensor],
-    curvatures: Sequence[Tensor],
+    curvature: Sequence[Tensor],
     *,
     k: Optional[int] = None,
     sparsity: Optional[float] = None,
@@ -225,11 +269,14 @@ def select_global(
     nonfinite: str = "error",
     names: Optional[Sequence[str]] = None,
 ) -> Selection:
-    """Like :func:`prune_global_` but leaves the weights untouched and the input masks too."""
-    masks = None if masks is None else [m.clone() for m in masks]
-    return prune_global_(
-        weights, curvatures, k=k, sparsity=sparsity, masks=masks, factor=None, nonfinite=nonfinite, names=names
-    )
+    """Like :func:`prune_global_` but leaves the weights and the input masks untouched (new masks returned)."""
+    where = "obd_ext.select_global"
+    keep = check_nonfinite(nonfinite)
+    pool = check_pool(where, weights, curvature, masks, names=names, writes_weights=False)
+    bad = check_finite(pool, keep)
+    k = resolve_k(k, sparsity, pool.numel, "the number of entries", sum(bad))
+    pool.masks = [m.clone() for m in pool.masks] if masks is not None else pool.masks
+    return _run_global(pool, k, None, keep)
 
 
 def select_scores(
@@ -242,18 +289,17 @@ def select_scores(
     names: Optional[Sequence[str]] = None,
 ) -> Selection:
     """Global selection on precomputed scores (lowest deleted first); masks updated in place."""
-    scores = list(scores)
-    masks = _masks(masks, scores)
-    k = _resolve_k(k, sparsity, sum(s.numel() for s in scores), "the number of entries")
-    sel = Selection(masks)
-    if scores:
-        sel._add(_named(ops.global_select_, names, [], scores, masks, k, None, _skip(nonfinite)))
-    return sel
+    where = "obd_ext.select_scores"
+    keep = check_nonfinite(nonfinite)
+    pool = check_pool(where, None, scores, masks, names=names, writes_weights=False, curvature_arg="scores")
+    bad = check_finite(pool, keep)
+    k = resolve_k(k, sparsity, pool.numel, "the number of entries", sum(bad))
+    return _run_global(pool, k, None, keep)
 
 
 def prune_layers_(
     weights: Sequence[Tensor],
-    curvatures: Sequence[Tensor],
+    curvature: Sequence[Tensor],
     *,
     sparsity: float,
     masks: Optional[Sequence[Tensor]] = None,
@@ -261,18 +307,22 @@ def prune_layers_(
     nonfinite: str = "error",
     names: Optional[Sequence[str]] = None,
 ) -> Selection:
-    """Each tensor its own pool, every one pruned to ``sparsity``."""
-    weights, curvatures = list(weights), list(curvatures)
-    masks = _masks(masks, curvatures)
-    sel = Selection(masks)
-    for i, (w, h, m) in enumerate(zip(weights, curvatures, masks)):
-        part = prune_global_(
-            [w], [h], sparsity=sparsity, masks=[m], factor=factor, nonfinite=nonfinite,
-            names=[names[i]] if names else None,
-        )
-        sel.per_tensor.append(part)
-        _merge(sel, part)
-    return sel
+    """Each tensor its own pool, every one pruned to ``sparsity`` (arguments as in :func:`prune_global_`)."""
+    return _prune_layers("obd_ext.prune_layers_", weights, curvature, sparsity, masks, factor, nonfinite, names)
+
+
+def _prune_layers(where, weights, curvature, sparsity, masks, factor, nonfinite, names) -> Selection:
+    sparsity = check_sparsity(sparsity)
+    factor, keep = check_factor(factor), check_nonfinite(nonfinite)
+    pool = check_pool(where, weights, curvature, masks, names=names, writes_weights=factor is not None)
+    bad = check_finite(pool, keep)
+    ks = []
+    for i, h in enumerate(pool.curvature):
+        try:
+            ks.append(resolve_k(None, sparsity, h.numel(), f"entries of {pool.label(pool.weights_arg, i)}", bad[i]))
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from None
+    return _run_each(pool, ks, factor, keep, rows=False)
 
 
 def prune_rows_(
@@ -286,38 +336,88 @@ def prune_rows_(
     nonfinite: str = "error",
     name: Optional[str] = None,
 ) -> Selection:
-    """Each output row (dim 0; other dims flattened) its own pool, ``k`` deleted per row."""
-    mask = _masks(None if mask is None else [mask], [curvature])[0]
-    cols = weight.numel() // weight.shape[0] if weight.dim() and weight.shape[0] else max(weight.numel(), 1)
-    k = _resolve_k(k, sparsity, cols, "entries per row")
-    sel = Selection([mask])
-    sel._add(_named(ops.row_select_, name, weight, curvature, mask, k, _factor(factor),
-                    _skip(nonfinite)))
-    return sel
+    """Each output row (dim 0; other dims flattened) its own pool, ``k`` deleted per row.
+
+    Args:
+        weight: a tensor of any float dtype (a scalar is one row of one entry).
+        curvature: its curvature (same shape, any float dtype).
+        k: deleted entries wanted per row (already deleted ones count).
+        sparsity: or the fraction of each row to have deleted, in [0, 1].
+        mask: the current keep-mask (updated in place); all-kept if None.
+        factor, nonfinite: as in :func:`prune_global_`.
+        name: the tensor's name for error messages.
+    """
+    return _prune_rows("obd_ext.prune_rows_", [weight], [curvature], k, sparsity,
+                       None if mask is None else [mask], factor, nonfinite, None if name is None else [name], True)
+
+
+def _prune_rows(where, weights, curvature, k, sparsity, masks, factor, nonfinite, names, single) -> Selection:
+    factor, keep = check_factor(factor), check_nonfinite(nonfinite)
+    pool = _pool(where, weights, curvature, masks, names, factor, single)
+    ks = []
+    for i, w in enumerate(pool.weights):
+        try:
+            ks.append(resolve_k(k, sparsity, _rows_cols(w.shape)[1],
+                                f"entries per row of {pool.label(pool.weights_arg, i)}"))
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from None
+    bad = check_finite(pool, keep)
+    _check_segments(pool, bad, ks, None)
+    sel = _run_each(pool, ks, factor, keep, rows=True)
+    return _single(sel) if single else sel
 
 
 def prune_nm_(
     weight: Tensor,
     curvature: Tensor,
-    n: int = 2,
-    m: int = 4,
+    pattern: str = "2:4",
     *,
     mask: Optional[Tensor] = None,
     factor: Optional[float] = 0.0,
     nonfinite: str = "error",
     name: Optional[str] = None,
 ) -> Selection:
-    """Keep the ``n`` most salient of every ``m`` consecutive entries along the input dimension."""
-    mask = _masks(None if mask is None else [mask], [curvature])[0]
-    sel = Selection([mask])
-    sel._add(_named(ops.nm_select_, name, weight, curvature, mask, n, m, _factor(factor),
-                    _skip(nonfinite)))
+    """Keep the N most salient of every M consecutive entries along the input dimension.
+
+    The input dimension is dim 1 of a Linear (out x in) or conv (out x in x
+    kh x kw) weight, dim 0 of a vector; its size must be a multiple of M.
+
+    Args:
+        weight, curvature: as in :func:`prune_rows_`.
+        pattern: ``"N:M"`` such as ``"2:4"`` (keep 2 of every 4; sparsity 1 - N/M).
+        mask, factor, nonfinite, name: as in :func:`prune_rows_`.
+    """
+    return _prune_nm("obd_ext.prune_nm_", [weight], [curvature], pattern, None if mask is None else [mask], factor,
+                     nonfinite, None if name is None else [name], True)
+
+
+def _prune_nm(where, weights, curvature, pattern, masks, factor, nonfinite, names, single) -> Selection:
+    nm = _nm_of(pattern, where)
+    factor, keep = check_factor(factor), check_nonfinite(nonfinite)
+    pool = _pool(where, weights, curvature, masks, names, factor, single)
+    _check_nm_shape(pool, nm, pattern)
+    bad = check_finite(pool, keep)
+    _check_segments(pool, bad, [nm[1] - nm[0]] * len(bad), nm)
+    sel = _run_each(pool, [], factor, keep, rows=False, nm=nm)
+    return _single(sel) if single else sel
+
+
+def _pool(where, weights, curvature, masks, names, factor, single) -> Pool:
+    if single:
+        return check_pool(where, weights[0], curvature[0], None if masks is None else masks[0],
+                          names=None if names is None else names[0], writes_weights=factor is not None, single=True)
+    return check_pool(where, weights, curvature, masks, names=names, writes_weights=factor is not None)
+
+
+def _single(sel: Selection) -> Selection:
+    """A one-tensor call's result, without the redundant per-tensor list."""
+    sel.per_tensor = []
     return sel
 
 
 def prune_groups_(
     weights: Sequence[Tensor],
-    curvatures: Sequence[Tensor],
+    curvature: Sequence[Tensor],
     *,
     k: Optional[int] = None,
     sparsity: Optional[float] = None,
@@ -333,31 +433,78 @@ def prune_groups_(
     ``dim=0`` removes units of a Linear (their incoming weights) or output
     channels of a convolution. Groups compete globally unless ``per_tensor``.
     ``k`` / ``sparsity`` count groups, not entries. The returned masks are
-    per entry (a deleted group is False everywhere).
+    per entry (a deleted group is False everywhere). A group's saliency is
+    summed in float64 when the float32 sum overflows, so finite inputs never
+    give a non-finite group score.
     """
-    weights, curvatures = list(weights), list(curvatures)
-    masks = _masks(masks, curvatures)
-    scores = [_named(ops.group_saliency, names[i] if names else None, w, h, dim)
-              for i, (w, h) in enumerate(zip(weights, curvatures))]
-    # A group is deleted already when every one of its entries is.
-    group_masks = [_any_except(m, dim) for m in masks]
+    return _prune_groups("obd_ext.prune_groups_", weights, curvature, k, sparsity, dim, masks, factor, per_tensor,
+                         nonfinite, names)
+
+
+def _prune_groups(where, weights, curvature, k, sparsity, dim, masks, factor, per_tensor, nonfinite, names):
+    factor, keep = check_factor(factor), check_nonfinite(nonfinite)
+    if isinstance(dim, bool) or not isinstance(dim, int):
+        raise TypeError(f"{where}: dim must be an int, got {dim!r}")
+    pool = check_pool(where, weights, curvature, masks, names=names, writes_weights=factor is not None)
+    for i, w in enumerate(pool.weights):
+        if not -w.dim() <= dim < w.dim():
+            raise ValueError(f"{where}: dim={dim} is out of range for {pool.label(pool.weights_arg, i)} of shape "
+                             f"{tuple(w.shape)}")
+    check_finite(pool, keep)
+    with torch.no_grad():
+        scores = [_group_scores(w, h, dim) for w, h in zip(pool.weights, pool.curvature)]
+        # A group is deleted already when every one of its entries is.
+        group_masks = [_any_except(m, dim) for m in pool.masks]
+        bad = [int((g & ~torch.isfinite(s)).sum()) for s, g in zip(scores, group_masks)]
+    if not keep:
+        for i, nbad in enumerate(bad):
+            if nbad:  # finite inputs whose float64 group sums still overflow
+                raise ValueError(f"{where}: the summed saliency of {nbad} group(s) of "
+                                 f"{pool.label(pool.weights_arg, i)} along dim {dim} is not finite even in float64")
     if per_tensor:
-        parts = [
-            select_scores([s], k=k, sparsity=sparsity, masks=[g], nonfinite=nonfinite) for s, g in zip(scores, group_masks)
-        ]
+        ks = []
+        for i, s in enumerate(scores):
+            try:
+                ks.append(resolve_k(k, sparsity, s.numel(), f"groups of {pool.label(pool.weights_arg, i)}", bad[i]))
+            except ValueError as e:
+                raise ValueError(f"{where}: {e}") from None
     else:
-        parts = [select_scores(scores, k=k, sparsity=sparsity, masks=group_masks, nonfinite=nonfinite, names=names)]
-    sel = Selection(masks)
-    for p in parts:
-        _merge(sel, p)
-    for w, m, g in zip(weights, masks, group_masks):
-        keep = _expand(g, m, dim)
-        newly = m & ~keep
-        m &= keep
-        if factor is not None:
-            with torch.no_grad():
-                w.copy_(torch.where(newly, torch.zeros_like(w) if factor == 0.0 else w * factor, w))
+        try:
+            ks = [resolve_k(k, sparsity, sum(s.numel() for s in scores), "groups in all", sum(bad))]
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from None
+    # Everything is checked: from here on the call writes.
+    sel = Selection(pool.masks)
+    with torch.no_grad():
+        if per_tensor:
+            for s, g, kk in zip(scores, group_masks, ks):
+                sel._add(ops.global_select_([], [s], [g], kk, None, keep))
+        elif scores:
+            sel._add(ops.global_select_([], scores, group_masks, ks[0], None, keep))
+        for w, m, g in zip(pool.weights, pool.masks, group_masks):
+            newly = m & ~_expand(g, m, dim)
+            m.logical_and_(_expand(g, m, dim))
+            if factor is not None:
+                _scale_(w, newly, factor)
     return sel
+
+
+def _group_scores(w: Tensor, h: Tensor, dim: int) -> Tensor:
+    s = ops.group_saliency(w, h, dim)
+    if s.dtype != torch.float64 and not bool(torch.isfinite(s).all()):
+        # A float32 sum of finite saliencies overflowed: sum in float64 (exact order, finite).
+        finite_inputs = torch.isfinite(w).all() & torch.isfinite(h).all()
+        if bool(finite_inputs):
+            s = ops.group_saliency(w.double(), h.double(), dim)
+    return s
+
+
+def _scale_(weight: Tensor, where: Tensor, factor: float) -> None:
+    """Deleted weights multiplied by ``factor`` in float64 (exact zero for 0), as the kernels do."""
+    if factor == 0.0:
+        weight.masked_fill_(where, 0)
+    else:
+        weight.copy_(torch.where(where, (weight.double() * factor).to(weight.dtype), weight))
 
 
 def _any_except(mask: Tensor, dim: int) -> Tensor:
@@ -373,46 +520,54 @@ def _expand(group_mask: Tensor, like: Tensor, dim: int) -> Tensor:
 
 def prune_(
     weights: Sequence[Tensor],
-    curvatures: Sequence[Tensor],
+    curvature: Sequence[Tensor],
     *,
-    sparsity: float,
-    scope: str = "global",
+    sparsity: Optional[float] = None,
+    scope: Optional[str] = None,
+    pattern: str = "unstructured",
     masks: Optional[Sequence[Tensor]] = None,
     factor: Optional[float] = 0.0,
-    n: int = 2,
-    m: int = 4,
     dim: int = 0,
     nonfinite: str = "error",
     names: Optional[Sequence[str]] = None,
 ) -> Selection:
-    """One entry point for every scope (see the module docstring).
+    """One entry point for every scope and pattern (see the module docstring).
 
-    For ``scope="nm"`` the sparsity is implied by ``n:m`` and ``sparsity`` must
-    equal ``1 - n/m`` (or be given as that value) so that intent is explicit.
+    Args:
+        weights: the tensors to prune (each passed once).
+        curvature: one curvature tensor per weight.
+        sparsity: fraction of entries (of groups, for ``scope="group"``) to
+            have deleted, in [0, 1]. Implied by an N:M pattern, where it may
+            be left out or given as 1 - N/M; any other value is an error.
+        scope: "global", "layer", "row" or "group"; None means the default,
+            "global" (:func:`obd_ext.vocabulary.default_scope`). An N:M
+            pattern works within rows: scope None or "row".
+        pattern: "unstructured" (default) or "N:M" such as "2:4".
+        masks: current keep-masks (updated in place); all-kept if None.
+        factor: multiply deleted weights by this (0 deletes); None only writes masks.
+        dim: the group dimension for ``scope="group"``.
+        nonfinite: "error" or "keep" (see :func:`prune_global_`).
+        names: tensor names for error messages.
+
+    Returns:
+        A :class:`Selection`; for the per-tensor scopes ("layer", "row", N:M)
+        its ``per_tensor`` holds one Selection per tensor.
     """
-    if scope not in SCOPES:
-        raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
-    check_sparsity(sparsity)
-    weights, curvatures = list(weights), list(curvatures)
+    where = "obd_ext.prune_"
+    nm = parse_pattern(pattern)
+    sparsity = check_pattern_sparsity(pattern, sparsity)
+    if nm is not None:
+        if scope not in (None, "row"):
+            raise ValueError(f"{where}: pattern={pattern!r} selects within rows; scope must be None or 'row', "
+                             f"got {scope!r}")
+        return _prune_nm(where, weights, curvature, pattern, masks, factor, nonfinite, names, False)
+    scope = check_scope(scope, SCOPES)
+    if sparsity is None:
+        raise ValueError(f"{where}: sparsity is required with pattern='unstructured' (scope={scope!r})")
     if scope == "global":
-        return prune_global_(weights, curvatures, sparsity=sparsity, masks=masks, factor=factor, nonfinite=nonfinite,
-                             names=names)
+        return _prune_global(where, weights, curvature, None, sparsity, masks, factor, nonfinite, names)
     if scope == "layer":
-        return prune_layers_(weights, curvatures, sparsity=sparsity, masks=masks, factor=factor, nonfinite=nonfinite,
-                             names=names)
-    if scope == "group":
-        return prune_groups_(weights, curvatures, sparsity=sparsity, dim=dim, masks=masks, factor=factor,
-                             nonfinite=nonfinite, names=names)
-    if scope == "nm" and not math.isclose(sparsity, 1 - n / m):
-        raise ValueError(f"scope='nm' with n={n}, m={m} means sparsity {1 - n / m:g}, got sparsity={sparsity}")
-    masks = _masks(masks, curvatures)
-    sel = Selection(masks)
-    for i, (w, h, mk) in enumerate(zip(weights, curvatures, masks)):
-        name = names[i] if names else None
-        if scope == "row":
-            part = prune_rows_(w, h, sparsity=sparsity, mask=mk, factor=factor, nonfinite=nonfinite, name=name)
-        else:
-            part = prune_nm_(w, h, n, m, mask=mk, factor=factor, nonfinite=nonfinite, name=name)
-        sel.per_tensor.append(part)
-        _merge(sel, part)
-    return sel
+        return _prune_layers(where, weights, curvature, sparsity, masks, factor, nonfinite, names)
+    if scope == "row":
+        return _prune_rows(where, weights, curvature, None, sparsity, masks, factor, nonfinite, names, False)
+    return _prune_groups(where, weights, curvature, None, sparsity, dim, masks, factor, False, nonfinite, names)

@@ -29,6 +29,7 @@ import torch.nn as nn
 
 import obd_ext
 from obd_ext import distributed as D
+from obd_ext.saliency_keys import order_key, saliency_keys
 
 WORLD_SIZES = (2, 3)
 LAUNCH_TIMEOUT_S = 120
@@ -303,8 +304,8 @@ def case_nonfinite_keep(rank, world):
         D.prune_global_sharded_(D.shard_flat(ws, rank, world), D.shard_flat(hs, rank, world),
                                 masks=D.shard_flat(masks, rank, world), k=prunable + 1, nonfinite="keep")
         out.append(f"rank {rank}: k above the prunable count did not raise")
-    except RuntimeError as e:
-        if f"k must be in [0, {prunable}]" not in str(e):
+    except ValueError as e:
+        if f"k={prunable + 1}, but only {prunable} of {n}" not in str(e):
             out.append(f"rank {rank}: unexpected message {e}")
     return out
 
@@ -381,8 +382,8 @@ def case_nonfinite_error(rank, world):
     theirs = D.shard_flat(hs, last, world)  # the message names the last rank's own pieces
     local, index = len(theirs) - 1, 6 - (16 - theirs[-1].numel())
     before = [w.clone() for w in lw]
-    out = _expect_error(rank, RuntimeError,
-                        rf"rank {last}: curvatures\[{local}\] .* non-finite value \(nan\) at flat index "
+    out = _expect_error(rank, ValueError,
+                        rf"rank {last}: curvature\[{local}\] .* non-finite value \(nan\) at flat index "
                         rf"{index} \(global pool index {pool_index}\); pass nonfinite='keep'",
                         lambda: D.prune_global_sharded_(lw, lh, k=5))
     if not all(_same_bits(a, b) for a, b in zip(lw, before)):
@@ -390,7 +391,7 @@ def case_nonfinite_error(rank, world):
     # The first non-finite entry in global order wins: a weight on rank 0.
     ws[0][0, 3] = float("inf")
     lw = D.shard_flat(ws, rank, world)
-    out += _expect_error(rank, RuntimeError,
+    out += _expect_error(rank, ValueError,
                          r"rank 0: weights\[0\] .* non-finite value \(inf\) at flat index 3 \(global pool index 3\)",
                          lambda: D.prune_global_sharded_(lw, lh, sparsity=0.5))
     return out
@@ -410,9 +411,10 @@ def case_argument_errors(rank, world):
                          lambda: D.prune_global_sharded_(lw, lh, k=rank))
     # A bad argument on one rank only: that rank raises its own error, the others name it.
     bad_w = [w.to(torch.int32) if rank == 0 else w for w in lw]
-    expected = (r"weights\[0\] must be float32, float64, float16 or bfloat16, got Int" if rank == 0
+    expected = (r"weights\[0\] must be float32, float64, float16 or bfloat16, got torch.int32" if rank == 0
                 else r"rank\(s\) \[0\] rejected their arguments")
-    out += _expect_error(rank, RuntimeError, expected, lambda: D.prune_global_sharded_(bad_w, lh, k=3))
+    out += _expect_error(rank, TypeError if rank == 0 else RuntimeError, expected,
+                         lambda: D.prune_global_sharded_(bad_w, lh, k=3))
     masks = D.shard_flat([torch.ones(s, dtype=torch.bool) for s in SHAPES], rank, world)
     masks = masks[:-1] if rank == world - 1 else masks
     expected = "masks must have one tensor per weight" if rank == world - 1 else rf"rank\(s\) \[{world - 1}\]"
@@ -495,6 +497,35 @@ def case_all_reduce_tensors(rank, world):
     out += _expect_error(rank, TypeError, "op='mean' needs floating tensors",
                          lambda: D.all_reduce_tensors(_rank_tensors(rank), op="mean"))
     return out
+
+
+def case_aliasing_changes_nothing(rank, world):
+    # The same piece twice on rank 0: rank 0 names it, the others name rank 0; no rank writes anything.
+    ws, hs = _random_pools(SHAPES, seed=15)
+    lw, lh = D.shard_flat(ws, rank, world), D.shard_flat(hs, rank, world)
+    masks = [torch.ones_like(h, dtype=torch.bool) for h in lh]
+    before, versions = [w.clone() for w in lw], [t._version for t in lw + masks]
+    dup_w, dup_h = (lw + lw[:1], lh + lh[:1]) if rank == 0 else (lw, lh)
+    dup_m = masks + [torch.ones_like(lh[0], dtype=torch.bool)] if rank == 0 else masks
+    n = len(lw)
+    expected = (rf"weights\[0\] and weights\[{n}\] are the same tensor" if rank == 0
+                else r"rank\(s\) \[0\] rejected their arguments")
+    out = _expect_error(rank, ValueError if rank == 0 else RuntimeError, expected,
+                        lambda: D.prune_global_sharded_(dup_w, dup_h, masks=dup_m, k=5))
+    # Masks that overlap (views of one buffer) on every rank that has two pieces; the others name those ranks.
+    buf = torch.ones(max([h.numel() for h in lh] + [1]), dtype=torch.bool)
+    shared = [buf[:h.numel()].view(h.shape) for h in lh]
+    some = [r for r in range(world) if len(D.shard_flat(hs, r, world)) > 1]
+    if some:
+        expected = (r"masks\[0\] and masks\[1\] share memory \(overlapping views\)" if len(lh) > 1
+                    else r"rejected their arguments")
+        out += _expect_error(rank, ValueError if len(lh) > 1 else RuntimeError, expected,
+                             lambda: D.prune_global_sharded_(lw, lh, masks=shared, k=5))
+    if not all(_same_bits(a, b) for a, b in zip(lw, before)) or not all(m.all() for m in masks):
+        out.append(f"rank {rank}: weights or masks written despite the error")
+    if [t._version for t in lw + masks] != versions:
+        out.append(f"rank {rank}: version counters changed despite the error")
+    return out + _check(rank, world, ws, hs, k=7)
 
 
 CASES: Dict[str, Callable] = {
@@ -593,9 +624,20 @@ def test_needs_an_initialised_process_group():
         D.all_reduce_tensors([torch.ones(2)])
 
 
+def test_saliency_keys_order_like_floats():
+    # One home for the kernels' key: float order (NaN above +inf, -0.0 == +0.0), both widths.
+    vals = [-math.inf, -3e38, -2.0, -1e-40, -0.0, 0.0, 1e-40, 3.0, 3e38, math.inf, math.nan]
+    for dt in (torch.float32, torch.float64):
+        keys = saliency_keys(torch.tensor(vals, dtype=dt)).tolist()
+        if dt == torch.float64:
+            keys = [k & (2 ** 64 - 1) for k in keys]
+        assert keys == sorted(keys) and keys[4] == keys[5] and len(set(keys)) == len(keys) - 1
+    assert saliency_keys(torch.tensor([-math.nan])).tolist() == saliency_keys(torch.tensor([math.nan])).tolist()
+
+
 def test_order_key_matches_float_order():
     vals = [-math.inf, -1e300, -2.0, -1e-300, -0.0, 0.0, 1e-300, 3.0, 1e300, math.inf]
-    keys = [D._order_key(v) for v in vals]
+    keys = [order_key(v) for v in vals]
     assert keys == sorted(keys) and keys[4] == keys[5]
 
 

@@ -44,12 +44,15 @@ def test_select_global_touches_nothing():
     assert sum(int((~m).sum()) for m in sel.masks) == 30
 
 
-@pytest.mark.parametrize("scope", obd_ext.SCOPES)
+@pytest.mark.parametrize("scope", (*obd_ext.SCOPES, "2:4"))
 def test_every_scope_through_prune_(scope):
     ws, hs = layers()
-    ws = [w for w in ws if w.shape[1] % 4 == 0] if scope == "nm" else ws
-    hs = [h for h in hs if h.shape[1] % 4 == 0] if scope == "nm" else hs
-    sel = obd_ext.prune_(ws, hs, sparsity=0.5, scope=scope)
+    ws = [w for w in ws if w.shape[1] % 4 == 0] if scope == "2:4" else ws
+    hs = [h for h in hs if h.shape[1] % 4 == 0] if scope == "2:4" else hs
+    if scope == "2:4":
+        sel = obd_ext.prune_(ws, hs, pattern="2:4")
+    else:
+        sel = obd_ext.prune_(ws, hs, sparsity=0.5, scope=scope)
     total = sum(w.numel() for w in ws)
     if scope == "group":
         for m in sel.masks:  # whole units: each row all kept or all deleted
@@ -75,8 +78,10 @@ def test_rows_and_nm_functions():
     w, h = torch.randn(6, 16), torch.rand(6, 16)
     sel = obd_ext.prune_rows_(w.clone(), h, sparsity=0.5)
     assert ((~sel.masks[0]).sum(1) == 8).all()
-    sel = obd_ext.prune_nm_(w.clone(), h, 2, 4)
+    sel = obd_ext.prune_nm_(w.clone(), h, "2:4")
     assert (sel.masks[0].reshape(6, 4, 4).sum(-1) == 2).all()
+    sel = obd_ext.prune_nm_(w.clone(), curvature=h, pattern="1:4")
+    assert (sel.masks[0].reshape(6, 4, 4).sum(-1) == 1).all()
 
 
 def test_groups_match_group_saliency_order():
@@ -103,13 +108,19 @@ def test_factor_decreases_instead_of_deleting():
 def test_names_in_errors():
     ws, hs = layers()
     hs[1][0, 1, 0, 1] = math.nan
-    with pytest.raises(RuntimeError, match=r"curvatures\[1\] \('conv.weight'\) has a non-finite value \(nan\) "
-                                           r"at position \(0, 1, 0, 1\)"):
+    with pytest.raises(ValueError, match=r"curvature\[1\] \('conv.weight'\) has a non-finite value \(nan\) "
+                                         r"at position \(0, 1, 0, 1\)"):
         obd_ext.prune_global_(ws, hs, sparsity=0.5, names=["fc1.weight", "conv.weight", "fc2.weight"])
     sel = obd_ext.prune_global_(ws, hs, sparsity=0.5, nonfinite="keep")
     assert sel.skipped_nonfinite == 1 and bool(sel.masks[1][0, 1, 0, 1])
-    with pytest.raises(RuntimeError, match=r"^fc: .*weight has a non-finite value \(nan\)"):
+    with pytest.raises(ValueError, match=r"prune_rows_: weight \('fc'\) has a non-finite value \(nan\)"):
         obd_ext.prune_rows_(hs[1].clone(), hs[1], k=1, name="fc")
+    hs[1][0, 1, 0, 1] = 1.0
+    ws[2][3, 4] = math.inf  # the weight, not its curvature, is named
+    with pytest.raises(ValueError, match=r"weights\[2\] \('fc2.weight'\) has a non-finite value \(inf\) "
+                                         r"at position \(3, 4\)"):
+        obd_ext.prune_(ws, hs, sparsity=0.5, scope="layer", nonfinite="error",
+                       names=["fc1.weight", "conv.weight", "fc2.weight"])
 
 
 @pytest.mark.parametrize("sparsity", [-0.1, 1.5, math.nan, "0.5", True])
@@ -136,13 +147,19 @@ def test_other_bad_arguments():
         obd_ext.prune_global_(ws, hs, k=1, nonfinite="drop")
     with pytest.raises(ValueError, match="scope must be one of"):
         obd_ext.prune_(ws, hs, sparsity=0.5, scope="block")
-    with pytest.raises(ValueError, match="means sparsity 0.5, got sparsity=0.3"):
-        obd_ext.prune_(ws[:1], hs[:1], sparsity=0.3, scope="nm")
-    with pytest.raises(ValueError, match="masks must have one tensor per weight"):
+    with pytest.raises(ValueError, match=r"pattern='2:4' deletes 2 of every 4 \(sparsity 0.5\); sparsity=0.3 conflicts"):
+        obd_ext.prune_(ws[:1], hs[:1], sparsity=0.3, pattern="2:4")
+    with pytest.raises(ValueError, match="scope must be None or 'row', got 'global'"):
+        obd_ext.prune_(ws[:1], hs[:1], scope="global", pattern="2:4")
+    with pytest.raises(ValueError, match="scope must be one of"):
+        obd_ext.prune_(ws[:1], hs[:1], sparsity=0.5, scope="nm")
+    with pytest.raises(ValueError, match="sparsity is required with pattern='unstructured'"):
+        obd_ext.prune_(ws, hs)
+    with pytest.raises(ValueError, match="masks must have one tensor per weight: got 1 masks for 3"):
         obd_ext.prune_global_(ws, hs, k=1, masks=[torch.ones(1, dtype=torch.bool)])
-    with pytest.raises(ValueError, match="factor must be a finite number, got inf"):
+    with pytest.raises(ValueError, match=r"factor must be a finite number .*got inf"):
         obd_ext.prune_global_(ws, hs, k=1, factor=math.inf)
-    with pytest.raises(RuntimeError, match=r"weight must be float32, float64, float16 or bfloat16, got Int"):
+    with pytest.raises(TypeError, match=r"weight must be float32, float64, float16 or bfloat16, got torch.int32"):
         obd_ext.prune_rows_(ws[0].int(), hs[0], k=1)
 
 
@@ -151,3 +168,43 @@ def test_empty_pool():
     assert sel.deleted_now == 0 and sel.masks == []
     with pytest.raises(ValueError, match=r"k must be in \[0, 0\]"):
         obd_ext.prune_global_([], [], k=1)
+
+
+def test_default_scope_is_global():
+    ws, hs = layers()
+    a = obd_ext.prune_([w.clone() for w in ws], hs, sparsity=0.3)
+    b = obd_ext.prune_global_([w.clone() for w in ws], hs, sparsity=0.3)
+    assert all(torch.equal(x, y) for x, y in zip(a.masks, b.masks))
+    assert obd_ext.SCOPES == obd_ext.vocabulary.SCOPES and "nm" not in obd_ext.SCOPES
+
+
+def test_pattern_implied_sparsity_and_row_scope():
+    w, h = torch.randn(6, 16), torch.rand(6, 16)
+    for kw in ({}, {"sparsity": 0.5}, {"scope": "row"}, {"scope": "row", "sparsity": 0.5}):
+        sel = obd_ext.prune_([w.clone()], [h], pattern="2:4", **kw)
+        assert (sel.masks[0].reshape(6, 4, 4).sum(-1) == 2).all() and len(sel.per_tensor) == 1
+    with pytest.raises(ValueError, match="needs an N:M pattern"):
+        obd_ext.prune_nm_(w.clone(), h, "unstructured")
+    with pytest.raises(ValueError, match=r"multiple of 4, got shape \(6, 6\)"):
+        obd_ext.prune_nm_(torch.randn(6, 6), torch.rand(6, 6), "2:4", name="fc")
+
+
+def test_curvature_keyword_everywhere():
+    ws, hs = layers()
+    obd_ext.prune_global_([w.clone() for w in ws], curvature=hs, k=3)
+    obd_ext.select_global(ws, curvature=hs, k=3)
+    obd_ext.prune_layers_([w.clone() for w in ws], curvature=hs, sparsity=0.2)
+    obd_ext.prune_groups_([w.clone() for w in ws], curvature=hs, k=1)
+    obd_ext.prune_([w.clone() for w in ws], curvature=hs, sparsity=0.2)
+    obd_ext.prune_rows_(ws[0].clone(), curvature=hs[0], k=1)
+    obd_ext.prune_nm_(ws[2].clone(), curvature=hs[2])
+
+
+def test_repr_summarises():
+    ws = [torch.randn(512, 512) for _ in range(8)]
+    hs = [torch.rand(512, 512) for _ in range(8)]
+    sel = obd_ext.prune_(ws, hs, sparsity=0.5, scope="layer")
+    text = repr(sel)
+    assert len(text) < 300, text
+    assert text.startswith("Selection(tensors=8, numel=2097152, deleted_now=1048576, deleted_before=0, sparsity=0.5")
+    assert "tensor(" not in text and str(sel) == text
