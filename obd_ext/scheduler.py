@@ -192,8 +192,10 @@ def _plain(value: Any, where: str) -> Any:
         return int(value)
     if isinstance(value, numbers.Real):
         return float(value)
-    if isinstance(value, Tensor) and value.numel() == 1:
-        return value.item()
+    if isinstance(value, Tensor):
+        if value.numel() == 1:
+            return value.item()
+        raise TypeError(f"{where} must hold numbers, not a tensor of shape {tuple(value.shape)}")
     if hasattr(value, "item") and callable(value.item) and getattr(value, "size", None) == 1:  # numpy scalars
         return _plain(value.item(), where)
     if isinstance(value, (list, tuple)):
@@ -204,12 +206,18 @@ def _plain(value: Any, where: str) -> Any:
                     f"got {type(value).__name__}")
 
 
+def _hyperparameter(value: Any) -> Any:
+    try:
+        return _plain(value, "a hyperparameter")
+    except TypeError:  # a custom optimizer's object: compared by its type only
+        return f"<{type(value).__name__}>"
+
+
 def _optimizer_groups(optimizer: torch.optim.Optimizer) -> List[Dict[str, Any]]:
     """Each param group's hyperparameters and size, as plain values (what the checkpoint compares)."""
     groups = []
     for g in optimizer.param_groups:
-        entry = {k: _plain(v, f"optimizer hyperparameter {k!r}") if not isinstance(v, Tensor) or v.numel() == 1
-                 else f"tensor{tuple(v.shape)}" for k, v in g.items() if k != "params"}
+        entry = {k: _hyperparameter(v) for k, v in g.items() if k != "params"}
         entry["params"] = len(g["params"])
         groups.append(entry)
     return groups
@@ -329,6 +337,9 @@ class OBDScheduler:
                                  f"got {loss_budget!r}")
         if budget_on not in BUDGET_ON:
             raise ValueError(f"budget_on must be one of {BUDGET_ON}, got {budget_on!r}")
+        if loss_budget is not None and budget_on == "predicted" and not METHODS[method].needs_curvature:
+            raise ValueError(f"loss_budget with budget_on='predicted' needs a curvature method: method={method!r} "
+                             "predicts no loss increase (its scores are not saliencies); pass budget_on='measured'")
         if resume not in RESUME_MODES:
             raise ValueError(f"resume must be one of {RESUME_MODES}, got {resume!r}")
         checkpoint = _check_path("checkpoint", checkpoint)

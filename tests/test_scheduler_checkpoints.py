@@ -361,6 +361,8 @@ BAD_ARGS = [
     ({"loss_budget": -1.0}, ValueError, "loss_budget"),
     ({"loss_budget": "1"}, TypeError, "loss_budget must be a number"),
     ({"budget_on": "actual"}, ValueError, "budget_on must be one of"),
+    ({"loss_budget": 0.1, "method": "random"}, ValueError, "budget_on='predicted' needs a curvature method"),
+    ({"loss_budget": 0.1, "method": "magnitude"}, ValueError, "method='magnitude' predicts no loss increase"),
     ({"resume": "yes"}, ValueError, "resume must be one of"),
     ({"resume": "require", "checkpoint": None}, ValueError, "resume='require' needs a checkpoint"),
     ({"params": []}, ValueError, "params: no parameters to prune"),
