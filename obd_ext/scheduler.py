@@ -324,11 +324,13 @@ class OBDScheduler:
         schedule = _check_schedule(schedule)
         check_method(method, PRUNER_METHODS, "OBDScheduler")
         resolved_scope = check_scope(scope, SCOPES)
+        implied = check_pattern_sparsity(pattern, None)  # raises for a malformed pattern
         for i, s in enumerate(schedule):
             try:
                 check_pattern_sparsity(pattern, s)
-            except ValueError as e:
-                raise ValueError(f"schedule[{i}] = {s:g} with {e}") from None
+            except ValueError:
+                raise ValueError(f"schedule[{i}] = {s:g}: pattern={pattern!r} fixes the sparsity at {implied:g}, so "
+                                 f"every schedule entry must be {implied:g} (e.g. one_shot({implied:g}))") from None
         if loss_budget is not None:
             if not _is_real(loss_budget):
                 raise TypeError(f"loss_budget must be a number or None, got {loss_budget!r}")
@@ -378,7 +380,6 @@ class OBDScheduler:
         self.log: List[Dict[str, object]] = []
         self.next_round = 0
         self.stopped = False
-        self._resumed_from: Optional[str] = None
         self._saved = False  # whether this run wrote (or resumed from) the current checkpoint: then rotate it
 
     def __repr__(self) -> str:
@@ -452,6 +453,8 @@ class OBDScheduler:
             raise bad(f"the payload lacks {sorted(keys - set(state)) if isinstance(state, dict) else keys}")
         if not isinstance(state["round"], int) or not 0 <= state["round"] <= len(self.schedule):
             raise bad(f"round {state['round']!r} is outside 0..{len(self.schedule)}")
+        if not isinstance(state["stopped"], bool):
+            raise bad(f"its 'stopped' flag is {state['stopped']!r}, not a bool")
         own = self.model.state_dict()
         saved = state["model"]
         if not isinstance(saved, dict) or set(saved) != set(own):
@@ -528,7 +531,6 @@ class OBDScheduler:
                               f"{torch.cuda.device_count()}: CUDA random draws will differ", stacklevel=3)
         self.log, self.next_round, self.stopped = json.loads(state["log_json"]), state["round"], state["stopped"]
         self._saved = True
-        self._resumed_from = path
         return True
 
     def _write_log(self) -> None:
