@@ -483,3 +483,24 @@ def test_curvature_methods_and_patterns_run(tmp_path):
     sched.run()
     w = model[2].weight.detach().reshape(-1, 2)
     assert ((w != 0).sum(1) <= 1).all()
+
+
+def test_nan_curvature_names_the_layer_and_changes_nothing(tmp_path, monkeypatch):
+    # Measured: the scheduler blamed curvatures[0] for another layer's NaN.
+    import obd_ext.scheduler as scheduler_module
+
+    real = scheduler_module.hessian_diag
+
+    def nan_in_second_layer(*args, **kwargs):
+        h = real(*args, **kwargs)
+        h["2.weight"][1, 3] = math.nan
+        return h
+
+    monkeypatch.setattr(scheduler_module, "hessian_diag", nan_in_second_layer)
+    sched, model, opt = _make(tmp_path / "n.ckpt")
+    before = _snapshot(tmp_path, model, opt)
+    with pytest.raises(ValueError, match="2.weight") as e:
+        sched.run()
+    assert "0.weight" not in str(e.value)
+    _assert_unchanged(before, tmp_path, model, opt)
+    assert sched.pruner.sparsity == 0.0
