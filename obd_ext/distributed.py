@@ -563,7 +563,10 @@ def prune_global_sharded_(
             written: a bad argument on any rank (that rank raises its own
             error, the others name it), or a non-finite entry.
     """
-    weights_in, curvature_in, masks_in = weights, curvature, masks
+    return _prune_sharded(weights, curvature, k, sparsity, masks, factor, nonfinite, group, copy_masks=False)
+
+
+def _prune_sharded(weights_in, curvature_in, k, sparsity, masks_in, factor, nonfinite, group, copy_masks: bool):
     rank, _ = _group_info(group, _OP)
     error: Optional[BaseException] = None
     row = [0.0] * _ROW
@@ -572,6 +575,8 @@ def prune_global_sharded_(
     try:
         factor, skip = check_factor(factor), check_nonfinite(nonfinite)
         pool = check_pool(_OP, weights_in, curvature_in, masks_in, writes_weights=factor is not None)
+        if copy_masks and masks_in is not None:
+            pool.masks = [m.clone() for m in pool.masks]
         weights, curvature, masks = pool.weights, pool.curvature, pool.masks
         row = _local_row(pool, k, sparsity, skip)
     except (ValueError, TypeError, RuntimeError) as e:
@@ -624,6 +629,4 @@ def select_global_sharded(
     group=None,
 ) -> ShardedSelection:
     """Like :func:`prune_global_sharded_` but leaves the weights and the input masks untouched."""
-    masks = None if masks is None else [m.clone() if isinstance(m, Tensor) else m for m in masks]
-    return prune_global_sharded_(weights, curvature, k=k, sparsity=sparsity, masks=masks, factor=None,
-                                 nonfinite=nonfinite, group=group)
+    return _prune_sharded(weights, curvature, k, sparsity, masks, None, nonfinite, group, copy_masks=True)

@@ -236,9 +236,18 @@ _impl_lib = torch.library.Library("obd_ext", "IMPL")  # noqa: TOR901 - lives as 
 
 
 def _written(schema, args) -> list:
-    """The tensors an op call writes (its ``Tensor(a!)`` and ``Tensor(a!)[]`` arguments)."""
+    """The tensors an op call writes (its ``Tensor(a!)`` and ``Tensor(a!)[]`` arguments).
+
+    The selection ops write their weights only when ``factor`` is given (see
+    csrc/ops.cpp); with ``factor=None`` the weights are read, not written, and
+    keep their version (``select_global`` must not break a graph that saved them).
+    """
+    names = [a.name for a in schema.arguments]
+    reads_weights = "factor" in names and args[names.index("factor")] is None
     out = []
     for arg, value in zip(schema.arguments, args):
+        if reads_weights and arg.name in ("weights", "weight"):
+            continue
         if arg.alias_info is not None and arg.alias_info.is_write and value is not None:
             out.extend(value if isinstance(value, (list, tuple)) else [value])
     return out

@@ -309,8 +309,8 @@ def _check_aliasing(where: str, members, writes_weights: bool, n_weights: int) -
                 first, second = sorted((other, rec), key=lambda r: r[2])
                 conflict = first[6] or second[6] or (first[5] and second[5])
                 if conflict and _overlap(first[4], second[4]):
-                    same = first[4].data_ptr() == second[4].data_ptr() and first[4].shape == second[4].shape \
-                        and first[4].stride() == second[4].stride()
+                    a, b = first[4], second[4]
+                    same = (a.data_ptr(), a.dtype, a.shape, a.stride()) == (b.data_ptr(), b.dtype, b.shape, b.stride())
                     how = "are the same tensor" if same else "share memory (overlapping views)"
                     raise ValueError(f"{where}: {first[3]} and {second[3]} {how}; each tensor the call writes, and "
                                      "each weight, must be passed once and not overlap another argument (pass a "
