@@ -29,7 +29,7 @@ from torch import Tensor
 
 from .. import constants, ops
 
-__all__ = ["UnsupportedOpError", "RULES", "Ctx", "rule_for"]
+__all__ = ["UnsupportedOpError", "Rule", "RULES", "SECOND_ORDER", "Ctx", "rule_for", "registry_entry"]
 
 Grads = List[Optional[Tensor]]
 
@@ -53,14 +53,6 @@ class Ctx:
     @property
     def need_g(self) -> bool:
         return not self.lm and any(self.g_wanted)
-
-
-# Nodes whose rule uses the gradient at their output (an f'' term).
-SECOND_ORDER = {
-    "TanhBackward0", "SigmoidBackward0", "EluBackward0", "GeluBackward0", "SiluBackward0", "SoftplusBackward0",
-    "DivBackward0", "SoftmaxBackward0", "SafeSoftmaxBackward0", "NativeLayerNormBackward0",
-    "PowBackward0", "RsqrtBackward0", "SqrtBackward0", "ExpBackward0", "LogBackward0", "ReciprocalBackward0",
-}
 
 
 def _call(node, outs: Grads) -> Tuple[Optional[Tensor], ...]:
@@ -470,33 +462,135 @@ INDEX_MAPS = [
     "ChunkBackward0", "PadBackward0", "ConstantPadNdBackward0", "RepeatBackward0", "ExpandAsBackward0",
 ]
 
-RULES: Dict[str, Callable] = {name: index_map for name in INDEX_MAPS}
-RULES.update({name: elementwise(d) for name, d in ACTIVATIONS.items()})
-RULES.update({name: unary(d) for name, d in UNARY.items()})
+
+# ---------------------------------------------------------------------------
+# Partial derivatives of elementwise nodes (for elementwise regions, regions.py)
+# ---------------------------------------------------------------------------
+#
+# An elementwise node z = f(a, b, ...) gives, per element, its first partials
+# f_i (one per input slot) and its non-zero second partials f_ij (i <= j), for
+# the slots that carry a derivative (``live``). ``second=False`` (LM) needs
+# only the first partials. A partial is a tensor broadcastable to the output,
+# or a number.
+
+Partials = Tuple[List[Optional[object]], Dict[Tuple[int, int], object]]
+
+
+def _activation_partials(spec: Callable) -> Callable:
+    def partials(node, live: Sequence[bool], second: bool) -> Partials:
+        v, kind, (p0, p1, p2) = spec(node)
+        # The fused kernel returns f'' h... + f'^2 h and f' g: with h = 0, g = 1 it gives f'' and f'.
+        f2, f1 = ops.activation_hessian(v, torch.zeros_like(v), torch.ones_like(v), kind, p0, p1, p2, False, True)
+        return [f1], ({(0, 0): f2} if second else {})
+    return partials
+
+
+def _unary_partials(derivs: Callable) -> Callable:
+    def partials(node, live: Sequence[bool], second: bool) -> Partials:
+        d1, d2 = derivs(node)
+        return [d1], ({(0, 0): d2} if second and d2 is not None else {})
+    return partials
+
+
+def _add_partials(sign: float) -> Callable:
+    def partials(node, live: Sequence[bool], second: bool) -> Partials:
+        return [1.0, sign * float(getattr(node, "_saved_alpha", 1.0))], {}
+    return partials
+
+
+def _mul_partials(node, live: Sequence[bool], second: bool) -> Partials:
+    # d(ab)/da = b, d(ab)/db = a, d2(ab)/(da db) = 1: the cross term a per-node rule drops
+    d1 = [node._saved_other if live[0] else None, node._saved_self if live[1] else None]
+    return d1, ({(0, 1): 1.0} if second and live[0] and live[1] else {})
+
+
+def _div_partials(node, live: Sequence[bool], second: bool) -> Partials:
+    a, b = (node._saved_self if live[1] else None), node._saved_other
+    inv = 1.0 / b
+    d1 = [inv if live[0] else None, -a * inv * inv if live[1] else None]
+    d2 = {}
+    if second and live[1]:
+        d2[(1, 1)] = 2.0 * a * inv * inv * inv
+        if live[0]:
+            d2[(0, 1)] = -inv * inv
+    return d1, d2
+
+
+def _constant_partials(c: Callable) -> Callable:
+    def partials(node, live: Sequence[bool], second: bool) -> Partials:
+        return [c(node)], {}
+    return partials
+
+
+# ---------------------------------------------------------------------------
+# The registry: one entry per autograd node type
+# ---------------------------------------------------------------------------
+
+
+class Rule:
+    """Everything the engine knows about one autograd node type.
+
+    Attributes:
+        apply: ``(node, g, h, ctx) -> (g_in, h_in)``, the squared-Jacobian rule
+            (eq. 7) from the node's outputs to its inputs.
+        second_order: ``apply`` uses the gradient at the node's output (an f''
+            term), so OBD must carry g down to it.
+        partials: for elementwise nodes, ``(node, live, second) -> (first
+            partials per slot, second partials {(i, j): ...})``; elementwise
+            regions (regions.py) compose them exactly. None: not elementwise.
+    """
+
+    __slots__ = ("apply", "second_order", "partials")
+
+    def __init__(self, apply: Callable, second_order: bool = False, partials: Optional[Callable] = None):
+        self.apply, self.second_order, self.partials = apply, second_order, partials
+
+    def __call__(self, node, g: Grads, h: Grads, ctx: Ctx):
+        return self.apply(node, g, h, ctx)
+
+    @property
+    def elementwise(self) -> bool:
+        return self.partials is not None
+
+
+RULES: Dict[str, Rule] = {name: Rule(index_map) for name in INDEX_MAPS}
+RULES.update({name: Rule(elementwise(d), second_order=name not in ("ReluBackward0", "LeakyReluBackward0",
+                                                                    "HardtanhBackward0"),
+                         partials=_activation_partials(d)) for name, d in ACTIVATIONS.items()})
+RULES.update({name: Rule(unary(d), second_order=name != "NativeDropoutBackward0", partials=_unary_partials(d))
+              for name, d in UNARY.items()})
 RULES.update({
-    "MmBackward0": mm,
-    "BmmBackward0": bmm,
-    "AddmmBackward0": addmm,
-    "ConvolutionBackward0": convolution,
-    "AddBackward0": add,
-    "SubBackward0": sub,
-    "MulBackward0": mul,
-    "DivBackward0": div,
-    "MeanBackward0": mean_all,
-    "MeanBackward1": mean,
-    "SoftmaxBackward0": softmax,
-    "SafeSoftmaxBackward0": softmax,  # softmax with fully masked rows giving 0 (SDPA's math path)
-    "MulBackward1": mul_scalar,
-    "NegBackward0": neg,
-    "RsubBackward1": rsub,
-    "NativeLayerNormBackward0": layer_norm,
-    "NativeBatchNormBackward0": batch_norm,
-    "CudnnBatchNormBackward0": batch_norm,
-    "AvgPool2DBackward0": avg_pool(2),
-    "AvgPool3DBackward0": avg_pool(3),
-    "AdaptiveAvgPool2DBackward0": adaptive_avg_pool(2),
-    "AdaptiveAvgPool3DBackward0": adaptive_avg_pool(3),
+    "MmBackward0": Rule(mm),
+    "BmmBackward0": Rule(bmm),
+    "AddmmBackward0": Rule(addmm),
+    "ConvolutionBackward0": Rule(convolution),
+    "AddBackward0": Rule(add, partials=_add_partials(1.0)),
+    "SubBackward0": Rule(sub, partials=_add_partials(-1.0)),
+    "MulBackward0": Rule(mul, partials=_mul_partials),
+    "DivBackward0": Rule(div, second_order=True, partials=_div_partials),
+    "MeanBackward0": Rule(mean_all),
+    "MeanBackward1": Rule(mean),
+    "SoftmaxBackward0": Rule(softmax, second_order=True),
+    "SafeSoftmaxBackward0": Rule(softmax, second_order=True),  # softmax with fully masked rows giving 0 (SDPA's math path)
+    "MulBackward1": Rule(mul_scalar, partials=_constant_partials(lambda n: float(n._saved_other))),
+    "NegBackward0": Rule(neg, partials=_constant_partials(lambda n: -1.0)),
+    "RsubBackward1": Rule(rsub, partials=_constant_partials(lambda n: -float(n._saved_alpha))),
+    "NativeLayerNormBackward0": Rule(layer_norm, second_order=True),
+    "NativeBatchNormBackward0": Rule(batch_norm),
+    "CudnnBatchNormBackward0": Rule(batch_norm),
+    "AvgPool2DBackward0": Rule(avg_pool(2)),
+    "AvgPool3DBackward0": Rule(avg_pool(3)),
+    "AdaptiveAvgPool2DBackward0": Rule(adaptive_avg_pool(2)),
+    "AdaptiveAvgPool3DBackward0": Rule(adaptive_avg_pool(3)),
 })
+
+# Derived from the registry, never kept by hand.
+SECOND_ORDER = frozenset(name for name, r in RULES.items() if r.second_order)
+
+
+def registry_entry(node) -> Optional[Rule]:
+    """The node type's registry entry, or None."""
+    return RULES.get(type(node).__name__)
 
 
 def rule_for(node) -> Callable:

@@ -22,6 +22,7 @@ from typing import Dict, List, Optional, Tuple
 from torch import Tensor
 
 from .graph import REENTRANT_CHECKPOINT_NODES, reentrant_checkpoint_error
+from .regions import Region, apply_region, find_regions
 from .rules import SECOND_ORDER, Ctx, rule_for
 
 __all__ = ["sweep"]
@@ -64,49 +65,94 @@ def sweep(root, output_nr: int, seed: List[Optional[Tensor]], lm: bool,
     if root is None:
         raise ValueError("the model output has no autograd graph: does it depend on a parameter that requires grad?")
     ctx = Ctx(lm)
-    deps: Dict[object, int] = defaultdict(int)
+    consumers: Dict[object, List[Tuple[object, int]]] = defaultdict(list)
     seen = {root}
     stack = [root]
     while stack:
         node = stack.pop()
         if type(node).__name__ in REENTRANT_CHECKPOINT_NODES:  # before any work: never a silent zero
             raise reentrant_checkpoint_error("lm" if lm else "obd")
-        for child, _ in node.next_functions:
+        for slot, (child, _) in enumerate(node.next_functions):
             if child is None:
                 continue
-            deps[child] += 1
+            consumers[child].append((node, slot))
             if child not in seen:
                 seen.add(child)
                 stack.append(child)
 
-    # Topological order (consumers before producers), then which nodes need the
-    # first-order gradient at their outputs: those with an f'' term and those
-    # that pass g on to one. Parameters never do, so OBD skips the weight
-    # gradients of the ordinary backward pass.
-    order: List[object] = []
-    pending = dict(deps)
-    queue = [root]
-    while queue:
-        node = queue.pop()
-        order.append(node)
-        for child, _ in node.next_functions:
-            if child is not None:
-                pending[child] -= 1
-                if pending[child] == 0:
-                    queue.append(child)
+    # Topological order of the nodes (consumers before producers), then the
+    # units the sweep visits: single nodes, and elementwise regions (regions.py)
+    # swept as one function of their inputs.
+    order = _topological([root], lambda n: [c for c, _ in n.next_functions if c is not None], consumers)
+    regions = find_regions(order, consumers)
+    while True:
+        unit_of: Dict[object, object] = {node: node for node in order}
+        for region in regions:
+            for node in region.nodes:
+                unit_of[node] = region
+        units = _unit_order(unit_of[root], unit_of, consumers)
+        if units is not None:
+            break
+        # A region that a path leaves and re-enters through a non-elementwise node
+        # would have to be swept before itself: leave those to the per-node rules.
+        regions = [r for r in regions if not _cyclic(r, unit_of, consumers)]
+
+    # Which units need the first-order gradient at their outputs: those with an
+    # f'' term (a region with a product or an f'') and those that pass g on to
+    # one. Parameters never do, so OBD skips the weight gradients.
     needs_g: Dict[object, bool] = {}
-    for node in reversed(order):
-        needs_g[node] = not lm and not hasattr(node, "variable") and (
-            type(node).__name__ in SECOND_ORDER
-            or any(child is not None and needs_g[child] for child, _ in node.next_functions))
+    for unit in reversed(units):
+        if isinstance(unit, Region):
+            own, children = unit.second_order, [c for c, _ in unit.inputs]
+        else:
+            if hasattr(unit, "variable"):
+                needs_g[unit] = False
+                continue
+            own, children = type(unit).__name__ in SECOND_ORDER, [c for c, _ in unit.next_functions if c is not None]
+        needs_g[unit] = not lm and (own or any(needs_g[unit_of[c]] for c in children))
+
+    deps: Dict[object, int] = defaultdict(int)
+    for child, cons in consumers.items():
+        for node, _ in cons:
+            if unit_of[node] is not unit_of[child]:
+                deps[unit_of[child]] += 1
 
     buffers: Dict[object, Dict[int, Tuple[Optional[Tensor], Optional[Tensor]]]] = {
-        root: {output_nr: (g_out if needs_g[root] else None, h_out)}}
+        root: {output_nr: (g_out if needs_g[unit_of[root]] else None, h_out)}}
     del g_out, h_out
     results: Dict[str, Tensor] = {}
-    ready: List[object] = [root]
+    ready: List[object] = [unit_of[root]]
+
+    def send(child, idx: int, gi: Optional[Tensor], hi: Optional[Tensor]) -> None:
+        if hi is not None:
+            shape = child._input_metadata[idx].shape
+            old = buffers.setdefault(child, {}).get(idx, (None, None))
+            buffers[child][idx] = (_add(old[0], _fit(gi, shape)), _add(old[1], _fit(hi, shape)))
+
+    def done(child) -> None:
+        unit = unit_of[child]
+        deps[unit] -= 1
+        if deps[unit] == 0:
+            ready.append(unit)
+
     while ready:
-        node = ready.pop()
+        unit = ready.pop()
+        if isinstance(unit, Region):
+            outs = {}
+            for node in unit.nodes:
+                for nr, gh in buffers.pop(node, {}).items():
+                    outs[(node, nr)] = gh
+            if any(h is not None for _, h in outs.values()):
+                res = apply_region(unit, outs, ctx, {src: needs_g[unit_of[src[0]]] for src in unit.inputs})
+            else:
+                res = {}
+            del outs
+            for src, (gi, hi) in res.items():
+                send(src[0], src[1], gi, hi)
+            for _, _, (child, _) in unit.edges:
+                done(child)
+            continue
+        node = unit
         buf = buffers.pop(node, {})
         if hasattr(node, "variable"):  # AccumulateGrad: a leaf tensor
             name = names.get(id(node.variable))
@@ -118,20 +164,72 @@ def sweep(root, output_nr: int, seed: List[Optional[Tensor]], lm: bool,
         n_out = len(node._input_metadata)
         g = [buf.get(i, (None, None))[0] for i in range(n_out)]
         h = [buf.get(i, (None, None))[1] for i in range(n_out)]
+        del buf
         children = node.next_functions
         if all(x is None for x in h):
             g_in, h_in = (None,) * len(children), (None,) * len(children)
         else:
-            ctx.g_wanted = [child is not None and needs_g[child] for child, _ in children]
+            ctx.g_wanted = [child is not None and needs_g[unit_of[child]] for child, _ in children]
             g_in, h_in = rule_for(node)(node, g, h, ctx)
+        del g, h
         for (child, idx), gi, hi in zip(children, g_in, h_in):
             if child is None:
                 continue
-            if hi is not None:
-                shape = child._input_metadata[idx].shape
-                old = buffers.setdefault(child, {}).get(idx, (None, None))
-                buffers[child][idx] = (_add(old[0], _fit(gi, shape)), _add(old[1], _fit(hi, shape)))
-            deps[child] -= 1
-            if deps[child] == 0:
-                ready.append(child)
+            send(child, idx, gi, hi)
+            done(child)
     return results
+
+
+def _topological(roots: List[object], children, consumers) -> List[object]:
+    """Kahn's order from ``roots``: every node after all its consumers."""
+    pending = {node: len(cons) for node, cons in consumers.items()}
+    order: List[object] = []
+    queue = list(roots)
+    while queue:
+        node = queue.pop()
+        order.append(node)
+        for child in children(node):
+            pending[child] -= 1
+            if pending[child] == 0:
+                queue.append(child)
+    return order
+
+
+def _unit_order(root_unit, unit_of: Dict[object, object], consumers) -> Optional[List[object]]:
+    """Units in topological order (consumers first), or None if regions make a cycle."""
+    pending: Dict[object, int] = defaultdict(int)
+    for child, cons in consumers.items():
+        for node, _ in cons:
+            if unit_of[node] is not unit_of[child]:
+                pending[unit_of[child]] += 1
+    order: List[object] = []
+    queue = [root_unit]
+    while queue:
+        unit = queue.pop()
+        order.append(unit)
+        nodes = unit.nodes if isinstance(unit, Region) else (unit,)
+        for node in nodes:
+            for child, _ in node.next_functions:
+                if child is None or unit_of[child] is unit:
+                    continue
+                cu = unit_of[child]
+                pending[cu] -= 1
+                if pending[cu] == 0:
+                    queue.append(cu)
+    total = len(set(unit_of.values()))
+    return order if len(order) == total else None
+
+
+def _cyclic(region: Region, unit_of, consumers) -> bool:
+    """Whether a path leaves ``region`` and comes back into it."""
+    stack = [c for n in region.nodes for c, _ in consumers.get(n, []) if c not in region.members]
+    seen = set()
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        if node in region.members:
+            return True
+        stack.extend(c for c, _ in consumers.get(node, []))
+    return False
