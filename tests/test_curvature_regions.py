@@ -306,3 +306,29 @@ def test_hf_gpt2_gelu_new_equals_gelu_pytorch_tanh():
         b = hessian_diag(fused, nn.CrossEntropyLoss(), (ids, y), method=method, progress=False)
         for k in b:
             assert close(a[k], b[k], 1e-9), (method, k)
+
+
+# ---------------------------------------------------------------------------
+# The result object and the method names
+# ---------------------------------------------------------------------------
+
+
+def test_curvature_repr_summarises_without_values():
+    torch.manual_seed(8)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    res = hessian_diag(model, nn.MSELoss(), (torch.randn(5, 3), torch.randn(5, 2)), method="obd", progress=False)
+    text = repr(res)
+    assert text.startswith("Curvature(method='obd', tensors=4, entries=26, dtype=float64, reduction='mean', "
+                           "batches=1, negative="), text
+    assert "tensor(" not in text and len(text) < 200
+
+
+def test_methods_come_from_the_vocabulary():
+    from obd_ext import curvature, vocabulary
+
+    assert curvature.METHODS is vocabulary.CURVATURE_METHODS
+    data = (torch.randn(4, 3), torch.randn(4, 2))
+    with pytest.raises(ValueError, match=r"method='magnitude' is not accepted by obd_ext.hessian_diag.*Pruner"):
+        hessian_diag(nn.Linear(3, 2), nn.MSELoss(), data, method="magnitude", progress=False)
+    with pytest.raises(ValueError, match=r"method must be one of .* for obd_ext.hessian_diag, got 'newton'"):
+        hessian_diag(nn.Linear(3, 2), nn.MSELoss(), data, method="newton", progress=False)

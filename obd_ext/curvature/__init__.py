@@ -21,6 +21,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from ..block_cache import cpu_block_cache
+from ..vocabulary import CURVATURE_METHODS, check_method
 from .estimators import exact, hutchinson, per_sample_squared
 from .graph import check_graph, checkpoint_guard
 from .losses import Boundary, boundary_for
@@ -29,7 +30,8 @@ from .sweep import sweep
 
 __all__ = ["METHODS", "Curvature", "hessian_diag", "CurvatureAccumulator", "UnsupportedOpError", "recordable"]
 
-METHODS = ("obd", "lm", "fisher", "ggn-mc", "hutchinson", "exact")
+# The methods hessian_diag accepts: the project's one list (vocabulary.py).
+METHODS = CURVATURE_METHODS
 
 
 def recordable():
@@ -65,13 +67,20 @@ class Curvature(dict):
 
     @property
     def total_negative(self) -> int:
+        """Negative entries over all tensors."""
         return sum(self.negative.values())
+
+    def __repr__(self) -> str:
+        # A summary, never the values: a model's worth of numbers is no use in a log.
+        entries = sum(v.numel() for v in self.values())
+        dtypes = sorted({str(v.dtype).replace("torch.", "") for v in self.values()})
+        return (f"Curvature(method={self.method!r}, tensors={len(self)}, entries={entries}, "
+                f"dtype={'/'.join(dtypes) or None}, reduction={self.reduction!r}, batches={self.batches}, "
+                f"negative={self.total_negative})")
 
 
 def _check_method(method: str) -> str:
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    return method
+    return check_method(method, CURVATURE_METHODS, "obd_ext.hessian_diag")
 
 
 def _check_reduction(reduction: str) -> str:
