@@ -63,7 +63,7 @@ def obd_block(weights: Dict[str, torch.Tensor], inputs: Dict[str, torch.Tensor],
         w = weights[name]
         h = (2 * stats[src]).expand(out_f, -1)
         if pattern == "2:4":
-            obd_ext.prune_nm_(w, h, n=2, m=4)
+            obd_ext.prune_nm_(w, h, "2:4")
         else:
             obd_ext.prune_rows_(w, h, sparsity=sparsity)
 
@@ -110,7 +110,7 @@ def semi_structured_rows(d: int, ffn: int, batches: List[int], device: str, dtyp
     rows = []
     for out_f, in_f in [(d, d), (ffn, d), (d, ffn)]:
         w = torch.randn(out_f, in_f, device=device, dtype=dtype) * 0.02
-        obd_ext.prune_nm_(w, torch.ones_like(w), n=2, m=4)
+        obd_ext.prune_nm_(w, torch.ones_like(w), "2:4")
         ws = to_sparse_semi_structured(w)
         for b in batches:
             x = torch.randn(b, in_f, device=device, dtype=dtype)

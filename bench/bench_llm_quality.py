@@ -38,8 +38,8 @@ from common import machine, print_table, write_json  # noqa: E402
 from llm_data import load_model_and_splits, perplexity  # noqa: E402
 
 import obd_ext  # noqa: E402
-from obd_ext.layerwise import find_blocks, prunable_layers, prune_layerwise, weight_rows  # noqa: E402
-from obd_ext.layerwise.blockwise import capture_block_inputs, _output, _with_hidden  # noqa: E402
+from obd_ext.layerwise import (capture_block_inputs, find_blocks, next_block_inputs, prunable_layers,  # noqa: E402
+                               prune_layerwise, weight_rows)
 from obd_ext.layerwise.hf import prune_global_curvature, run_causal_lm  # noqa: E402
 
 
@@ -64,7 +64,7 @@ def plain_wanda(model: nn.Module, calibration, sparsity: float) -> None:
             k = obd_ext.count_for_sparsity(sparsity, w.shape[1])
             idx = torch.sort(score, dim=1, stable=True).indices[:, :k]
             w.scatter_(1, idx, 0.0)
-        inputs = [_with_hidden(a, kw, _output(block(*a, **kw))) for a, kw in inputs]
+        inputs = next_block_inputs(block, inputs)
 
 
 def masks_of(model: nn.Module):
@@ -112,16 +112,22 @@ def main(argv=None) -> int:
                 continue  # the plain Wanda here is the unstructured per-row rule
             model = copy.deepcopy(dense)
             start = time.time()
+            # an N:M pattern fixes the sparsity and is its own pool: no sparsity or scope with it
+            unstructured = pattern == "unstructured"
+            sparsity = 0.5 if unstructured else None
             if method == "magnitude":
-                prune_layerwise(model, batches, sparsity=0.5, pattern=pattern, scope="layer", criterion="magnitude",
-                                run=run_causal_lm, progress=False)
+                prune_layerwise(model, batches, sparsity=sparsity, pattern=pattern,
+                                scope="layer" if unstructured else None, method="magnitude", run=run_causal_lm,
+                                progress=False)
             elif method.startswith("obd-"):
                 scope = {"obd-row": "row", "obd-layer": "layer", "obd-block": "global"}[method]
-                prune_layerwise(model, batches, sparsity=0.5, pattern=pattern, scope=scope, run=run_causal_lm,
+                prune_layerwise(model, batches, sparsity=sparsity, pattern=pattern,
+                                scope=scope if unstructured else None, method="layerwise-obd", run=run_causal_lm,
                                 progress=False)
             elif method.startswith("global-"):
-                prune_global_curvature(model, calib, sparsity=0.5, pattern=pattern, scope="global",
-                                       method=method.split("-")[1], batch_size=8, progress=False)
+                prune_global_curvature(model, calib, sparsity=sparsity, pattern=pattern,
+                                       scope="global" if unstructured else None, method=method.split("-")[1],
+                                       batch_size=8, progress=False)
             elif method == "wanda":
                 plain_wanda(model, batches, 0.5)
             else:

@@ -10,7 +10,9 @@ import torch.nn.functional as F
 
 import obd_ext
 from obd_ext import reference
-from obd_ext.layerwise import CalibrationStats, find_blocks, prunable_layers, prune_by_saliency_, prune_layerwise
+from obd_ext.layerwise import (CalibrationStats, block_hidden_states, capture_block_inputs, find_blocks,
+                               forward_blockwise, next_block_inputs, prunable_layers, prune_by_saliency_,
+                               prune_layerwise)
 from obd_ext.models import GPT
 
 
@@ -116,7 +118,7 @@ def test_layer_and_global_scopes(scope):
     result = prune_layerwise(model, batches, sparsity=0.5, scope=scope, progress=False)
     per_block = {}
     for r in result.layers:
-        per_block.setdefault(r.name.split(".")[0], []).append(r)
+        per_block.setdefault(".".join(r.name.split(".")[:2]), []).append(r)  # "blocks.0"
         if scope == "layer":
             assert r.deleted == round(0.5 * r.total)
     for reports in per_block.values():  # each block's pool holds the target in total
@@ -124,11 +126,12 @@ def test_layer_and_global_scopes(scope):
     assert all(r.predicted_increase >= 0 for r in result.layers)
 
 
-def test_magnitude_criterion_needs_no_statistics_and_matches_prune_layers():
+def test_magnitude_method_needs_no_statistics_and_matches_prune_layers():
     model = _gpt()
     expected = copy.deepcopy(model)
-    prune_layerwise(model, [torch.randint(0, 61, (2, 16))], sparsity=0.4, scope="layer", criterion="magnitude",
-                    progress=False)
+    r = prune_layerwise(model, [torch.randint(0, 61, (2, 16))], sparsity=0.4, scope="layer", method="magnitude",
+                        progress=False)
+    assert (r.method, r.scope, r.calibration_rows) == ("magnitude", "layer", 0)
     for name, layer in prunable_layers(expected.blocks).items():
         obd_ext.prune_layers_([layer.weight], [torch.ones_like(layer.weight)], sparsity=0.4)
     for a, b in zip(model.parameters(), expected.parameters()):
@@ -152,6 +155,84 @@ def test_blocks_stream_to_cuda_and_back():
     assert all(q.device.type == "cpu" for q in b.parameters())
     for p, q in zip(a.parameters(), b.parameters()):
         assert ((p == 0) != (q == 0)).float().mean() < 1e-3  # float rounding on another device may flip a tie
+
+
+def test_layer_names_are_the_models_own():
+    model = _gpt()
+    r = prune_layerwise(model, [torch.randint(0, 61, (2, 16))], progress=False)
+    own = dict(model.named_modules())
+    assert [x.name for x in r.layers] == [n for n, m in own.items() if n.startswith("blocks.")
+                                          and isinstance(m, nn.Linear)]
+    assert r.layers[0].name == "blocks.0.qkv"
+
+
+def test_vocabulary_defaults_and_conflicts():
+    batches = [torch.randint(0, 61, (2, 16))]
+    r = prune_layerwise(_gpt(), batches, progress=False)
+    assert (r.method, r.scope, r.pattern, r.sparsity_target) == ("layerwise-obd", "row", "unstructured", 0.5)
+    r = prune_layerwise(_gpt(), batches, pattern="1:4", progress=False)  # sparsity implied by the pattern
+    assert (r.scope, r.sparsity_target) == (None, 0.75) and r.sparsity == pytest.approx(0.75)
+    assert prune_layerwise(_gpt(), batches, pattern="2:4", sparsity=0.5, progress=False).sparsity == 0.5
+    model = _gpt()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError,
+                       match=r"pattern='2:4' deletes 2 of every 4 \(sparsity 0.5\); sparsity=0.7 conflicts"):
+        prune_layerwise(model, batches, pattern="2:4", sparsity=0.7)
+    with pytest.raises(ValueError, match=r"scope='row' does not apply to pattern='2:4'"):
+        prune_layerwise(model, batches, pattern="2:4", scope="row")
+    with pytest.raises(ValueError, match=r"method='obd' is not accepted by prune_layerwise .*obd_ext.hessian_diag"):
+        prune_layerwise(model, batches, method="obd")
+    with pytest.raises(ValueError, match=r"method must be one of \('layerwise-obd', 'magnitude'\).*got 'layerwise'"):
+        prune_layerwise(model, batches, method="layerwise")
+    with pytest.raises(TypeError):
+        prune_layerwise(model, batches, criterion="obd")  # the old keyword is gone, not silently accepted
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # refused before any change
+
+
+def test_next_block_inputs_is_the_block_loop():
+    model = _gpt()
+    x = torch.randint(0, 61, (2, 16))
+    inputs = capture_block_inputs(model, model.blocks[0], [x], lambda m, b: m(b))
+    for blk in model.blocks:
+        inputs = next_block_inputs(blk, inputs)
+    logits = model.ln(block_hidden_states(*inputs[0])) @ model.tok.weight.t()
+    torch.testing.assert_close(logits.reshape(-1, 61), model(x), rtol=0, atol=0)
+
+
+def test_forward_blockwise_gives_the_models_outputs_and_restores_it():
+    model = _gpt().double()
+    batches = [torch.randint(0, 61, (2, 16), generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    blocks_before = list(model.blocks)
+    state = copy.deepcopy(model.state_dict())
+    got = []
+    forward_blockwise(model, batches, lambda b, out: got.append((b, out)), device="cpu")
+    assert [b for b, _ in got] == batches
+    for b, out in got:
+        torch.testing.assert_close(out, model(b), rtol=1e-13, atol=1e-13)
+    assert list(model.blocks) == blocks_before and not model.training
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+    with pytest.raises(ValueError, match="blocks must be the model's non-empty nn.ModuleList"):
+        forward_blockwise(model, batches, lambda b, out: None, blocks=list(model.blocks))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="streams blocks from CPU memory to a GPU")
+def test_forward_blockwise_has_one_block_on_the_device_at_a_time():
+    model = _gpt().double()
+    seen = []
+
+    def hook(block, args):
+        seen.append([next(b.parameters()).device.type for b in model.blocks])
+        assert args[0].device.type == "cuda"
+
+    handles = [b.register_forward_pre_hook(hook) for b in model.blocks]
+    x = torch.randint(0, 61, (2, 16))
+    got = []
+    forward_blockwise(model, [x], lambda b, out: got.append(out), device="cuda")
+    for h in handles:
+        h.remove()
+    assert seen == [["cuda" if j == i else "cpu" for j in range(3)] for i in range(3)]
+    assert all(p.device.type == "cpu" for p in model.parameters())
+    torch.testing.assert_close(got[0].cpu(), model(x), rtol=1e-10, atol=1e-10)
 
 
 def test_errors():
@@ -203,7 +284,8 @@ def _tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
 
 
-def _save_tiny(kind: str, path):
+def save_tiny_lm(kind: str, path):
+    """A tiny random GPT-2 or Llama and its tokenizer, saved with save_pretrained to ``path``."""
     import transformers as tf
 
     tok = _tokenizer()
@@ -223,7 +305,7 @@ def _save_tiny(kind: str, path):
 @pytest.fixture(scope="module", params=["gpt2", "llama"])
 def tiny_lm(request, tmp_path_factory):
     pytest.importorskip("transformers")
-    return request.param, _save_tiny(request.param, tmp_path_factory.mktemp(request.param) / "model")
+    return request.param, save_tiny_lm(request.param, tmp_path_factory.mktemp(request.param) / "model")
 
 
 @pytest.fixture(scope="module")
@@ -233,7 +315,15 @@ def calib_file(tmp_path_factory):
     return p
 
 
-def test_prune_llm_cli_saves_a_model_that_loads_in_plain_transformers(tiny_lm, calib_file, tmp_path):
+@pytest.fixture(scope="module")
+def eval_file(tmp_path_factory):
+    """A short held-out text (a few hundred tokens), so that evaluation takes little time."""
+    p = tmp_path_factory.mktemp("text") / "eval.txt"
+    p.write_text(inspect.getsource(pytest.approx)[:1500])
+    return p
+
+
+def test_prune_llm_cli_saves_a_model_that_loads_in_plain_transformers(tiny_lm, calib_file, eval_file, tmp_path):
     import subprocess
     import sys
 
@@ -242,7 +332,8 @@ def test_prune_llm_cli_saves_a_model_that_loads_in_plain_transformers(tiny_lm, c
     kind, model_dir = tiny_lm
     out = tmp_path / "pruned"
     proc = subprocess.run([sys.executable, "-m", "obd_ext", "prune-llm", str(model_dir), "--sparsity", "0.5",
-                           "--pattern", "2:4", "--calib", str(calib_file), "--out", str(out), "--nsamples", "8",
+                           "--pattern", "2:4", "--calib", str(calib_file), "--eval", str(eval_file), "--out", str(out),
+                           "--nsamples", "8",
                            "--seq-len", "32", "--no-progress"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "perplexity" in proc.stdout
@@ -258,15 +349,163 @@ def test_prune_llm_cli_saves_a_model_that_loads_in_plain_transformers(tiny_lm, c
     assert report["perplexity_after"] > 0 and report["detail"]["sparsity"] == pytest.approx(0.5)
 
 
-@pytest.mark.parametrize("method", ["layerwise", "magnitude", "lm"])
-def test_prune_llm_methods(tiny_lm, calib_file, method):
+@pytest.mark.parametrize("method", ["layerwise-obd", "magnitude", "lm"])
+def test_prune_llm_methods(tiny_lm, calib_file, eval_file, method):
     from obd_ext.layerwise import hf
 
     kind, model_dir = tiny_lm
-    r = hf.prune_llm(str(model_dir), None, calib=str(calib_file), sparsity=0.5, nsamples=8, seq_len=32,
-                     method=method, scope="row" if method != "lm" else "global", progress=False)
+    r = hf.prune_llm(str(model_dir), None, calib=str(calib_file), eval_text=str(eval_file), sparsity=0.5,
+                     nsamples=8, seq_len=32, method=method, progress=False)
     assert r["detail"]["sparsity"] == pytest.approx(0.5, abs=0.01)
     assert r["perplexity_before"] > 1 and r["perplexity_after"] > 1
+    # the scope actually used, the same at the top and in the detail (magnitude included)
+    assert r["scope"] == r["detail"]["scope"] == ("global" if method == "lm" else "row")
+    assert r["method"] == r["detail"]["method"] == method
+
+
+def test_blockwise_perplexity_equals_whole_model_perplexity(tiny_lm):
+    from obd_ext.layerwise import hf
+
+    kind, model_dir = tiny_lm
+    model, tok = hf.load_causal_lm(str(model_dir))
+    model = model.double()
+    ids = hf.text_blocks(tok, TEXT[:20000], 24)[:11]  # 11 windows: the last batch of 4 is partial
+    whole = hf.perplexity(model, ids, batch_size=4)
+    blocks_before = list(find_blocks(model)[1])
+    for device in (None, "cpu"):
+        assert hf.blockwise_perplexity(model, ids, device=device, batch_size=4) == pytest.approx(whole, rel=1e-12)
+    assert list(find_blocks(model)[1]) == blocks_before  # the blocks are back in place
+    if torch.cuda.is_available():
+        on_gpu = hf.blockwise_perplexity(model, ids, device="cuda", batch_size=4)
+        assert on_gpu == pytest.approx(whole, rel=1e-10)
+        assert all(p.device.type == "cpu" for p in model.parameters())
+    assert 1 < whole < float("inf")
+
+
+def test_prune_llm_report(tiny_lm, calib_file, eval_file, tmp_path):
+    import json
+
+    import transformers
+
+    from obd_ext.layerwise import hf
+
+    kind, model_dir = tiny_lm
+    out = tmp_path / "out"
+    r = hf.prune_llm(str(model_dir), str(out), calib=str(calib_file), eval_text=str(eval_file), pattern="2:4",
+                     nsamples=4, seq_len=16, seed=3, method="magnitude", progress=False)
+    on_disk = json.loads((out / "prune_report.json").read_text())
+    assert on_disk == json.loads(json.dumps(r))
+    assert on_disk["calib"] == str(calib_file) and on_disk["eval"] == str(eval_file)
+    assert on_disk["calib_portion"] == "all" and on_disk["eval_tokens"] > 0
+    assert (on_disk["seed"], on_disk["nsamples"], on_disk["seq_len"]) == (3, 4, 16)
+    assert (on_disk["method"], on_disk["pattern"], on_disk["scope"], on_disk["sparsity_target"]) == \
+        ("magnitude", "2:4", None, 0.5)
+    assert on_disk["detail"]["scope"] is None and on_disk["detail"]["pattern"] == "2:4"
+    assert on_disk["versions"] == {"obd_ext": obd_ext.__version__, "torch": torch.__version__,
+                                   "transformers": transformers.__version__, "python": on_disk["versions"]["python"]}
+    model, _ = hf.load_causal_lm(str(model_dir))
+    own = dict(model.named_modules())
+    names = [layer["name"] for layer in on_disk["detail"]["layers"]]
+    assert names and all(n in own for n in names)
+    assert names[0] == ("transformer.h.0.attn.c_attn" if kind == "gpt2" else "model.layers.0.self_attn.q_proj")
+
+
+def test_prune_llm_saves_before_evaluating(tiny_lm, calib_file, eval_file, tmp_path, monkeypatch):
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    from obd_ext.layerwise import hf
+
+    kind, model_dir = tiny_lm
+    calls = []
+    real = hf.perplexity
+
+    def failing_after(model, blocks, **kw):  # the "after" evaluation runs out of memory
+        calls.append(1)
+        if len(calls) == 2:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(model, blocks, **kw)
+
+    monkeypatch.setattr(hf, "perplexity", failing_after)
+    out = tmp_path / "out"
+    with pytest.raises(torch.OutOfMemoryError):
+        hf.prune_llm(str(model_dir), str(out), calib=str(calib_file), eval_text=str(eval_file), nsamples=4,
+                     seq_len=16, progress=False)
+    report = json.loads((out / "prune_report.json").read_text())
+    assert report["perplexity_before"] > 1 and report["perplexity_after"] is None
+    assert report["detail"]["sparsity"] == pytest.approx(0.5, abs=0.01)
+    pruned = AutoModelForCausalLM.from_pretrained(out, local_files_only=True)
+    layer = pruned.get_submodule(report["detail"]["layers"][0]["name"])
+    assert int((layer.weight == 0).sum()) == report["detail"]["layers"][0]["deleted"] > 0
+
+
+def test_prune_llm_without_evaluation(tiny_lm, calib_file, monkeypatch):
+    from obd_ext.layerwise import hf
+
+    def never(*a, **kw):
+        raise AssertionError("perplexity evaluated with evaluate=False")
+
+    monkeypatch.setattr(hf, "perplexity", never)
+    monkeypatch.setattr(hf, "blockwise_perplexity", never)
+    kind, model_dir = tiny_lm
+    r = hf.prune_llm(str(model_dir), None, calib=str(calib_file), nsamples=4, seq_len=16, evaluate=False,
+                     device="cpu", progress=False)
+    assert r["perplexity_before"] is None and r["perplexity_after"] is None and r["eval"] is None
+    assert r["calib_portion"] == "all" and r["eval_tokens"] == 0
+
+
+def test_prune_llm_device_evaluates_block_by_block(tiny_lm, calib_file, eval_file, monkeypatch):
+    from obd_ext.layerwise import hf
+
+    def whole(*a, **kw):
+        raise AssertionError("the whole model was evaluated although a device was given")
+
+    monkeypatch.setattr(hf, "perplexity", whole)
+    kind, model_dir = tiny_lm
+    r = hf.prune_llm(str(model_dir), None, calib=str(calib_file), eval_text=str(eval_file), nsamples=4,
+                     seq_len=16, device="cpu", progress=False)
+    assert r["device"] == "cpu" and r["perplexity_before"] > 1 and r["perplexity_after"] > 1
+
+
+def test_prune_llm_checks_everything_before_loading(tiny_lm, calib_file, tmp_path, monkeypatch):
+    from obd_ext.layerwise import hf
+
+    def never(*a, **kw):
+        raise AssertionError("the model was loaded before the arguments were checked")
+
+    monkeypatch.setattr(hf, "_load_model", never)
+    kind, model_dir = tiny_lm
+    ok = dict(calib=str(calib_file), nsamples=4, seq_len=16, progress=False)
+    cases = [
+        (dict(ok, calib=str(tmp_path / "missing.txt")), FileNotFoundError, "calib: no such file"),
+        (dict(ok, eval_text=str(tmp_path)), FileNotFoundError, "eval_text: is a directory"),
+        (dict(ok, nsamples=0), ValueError, "nsamples must be an integer >= 1, got 0"),
+        (dict(ok, seq_len=0), ValueError, "seq_len must be an integer >= 2, got 0"),
+        (dict(ok, seq_len=65), ValueError, "seq_len=65 exceeds the model's context of 64 tokens"),
+        (dict(ok, sparsity=1.5), ValueError, r"sparsity must be a number in \[0, 1\]"),
+        (dict(ok, pattern="2:4", sparsity=0.7), ValueError, "sparsity=0.7 conflicts"),
+        (dict(ok, method="layerwise"), ValueError, "method must be one of"),
+        (dict(ok, device="cuda:99" if torch.cuda.is_available() else "cuda"), ValueError, "device: 'cuda"),
+        (dict(ok, device="nonsense"), ValueError, "device: 'nonsense' is not a device"),
+    ]
+    for kwargs, exc, match in cases:
+        with pytest.raises(exc, match=match):
+            hf.prune_llm(str(model_dir), None, **kwargs)
+    short = tmp_path / "short.txt"
+    short.write_text("def f(): pass\n")
+    with pytest.raises(ValueError, match="the calibration text has .* tokens, fewer than seq_len=16"):
+        hf.prune_llm(str(model_dir), None, **dict(ok, calib=str(short), evaluate=False))
+    with pytest.raises(FileExistsError, match="is the model directory"):
+        hf.prune_llm(str(model_dir), str(model_dir), **ok)
+    with pytest.raises(FileExistsError, match="is inside the model directory"):
+        hf.prune_llm(str(model_dir), str(model_dir / "pruned"), **ok)
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("")
+    with pytest.raises(FileExistsError, match="exists and is not empty"):
+        hf.prune_llm(str(model_dir), str(tmp_path / "full"), **ok)
+    with pytest.raises(FileNotFoundError, match="holds no config.json"):
+        hf.prune_llm(str(tmp_path), None, **ok)
 
 
 def test_hf_row_scope_prunes_output_rows(tiny_lm, calib_file):

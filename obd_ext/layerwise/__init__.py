@@ -1,14 +1,19 @@
-"""Layer-wise OBD for large models (EQUATIONS.md, "Layer-wise form").
+"""Layer-wise OBD for large models.
 
 - :mod:`.stats`: calibration statistics ``sum_n x_nj^2`` per input feature;
-- :mod:`.blockwise`: pruning one transformer block at a time;
+- :mod:`.blockwise`: pruning (and evaluating) one transformer block at a time;
 - :mod:`.hf`: Hugging Face transformers models from a local directory
   (``obd-ext prune-llm``).
+
+The method, scope and pattern names are those of :mod:`obd_ext.vocabulary`
+(``LAYERWISE_METHODS``, ``LAYERWISE_SCOPES``, ``parse_pattern``).
 """
 
-from .blockwise import (LAYERWISE_CRITERIA, LAYERWISE_SCOPES, LayerReport, LayerwiseResult, find_blocks,
-                        parse_pattern, prune_by_saliency_, prune_layerwise)
+from .blockwise import (DEFAULT_SPARSITY, LayerReport, LayerwiseResult, block_hidden_states, capture_block_inputs,
+                        find_blocks, forward_blockwise, next_block_inputs, prune_by_saliency_, prune_layerwise,
+                        resolve_scope, resolve_sparsity)
 from .stats import CalibrationStats, prunable_layers, weight_rows
 
-__all__ = ["CalibrationStats", "prunable_layers", "weight_rows", "LAYERWISE_SCOPES", "LAYERWISE_CRITERIA",
-           "LayerReport", "LayerwiseResult", "find_blocks", "parse_pattern", "prune_by_saliency_", "prune_layerwise"]
+__all__ = ["CalibrationStats", "prunable_layers", "weight_rows", "DEFAULT_SPARSITY", "LayerReport", "LayerwiseResult",
+           "block_hidden_states", "capture_block_inputs", "find_blocks", "forward_blockwise", "next_block_inputs",
+           "prune_by_saliency_", "prune_layerwise", "resolve_scope", "resolve_sparsity"]
