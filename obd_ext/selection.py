@@ -40,7 +40,7 @@ from torch import Tensor
 from . import ops
 from .constants import STAT_DELETED_BEFORE, STAT_DELETED_NOW, STAT_MAX_DELETED, STAT_SALIENCY_SUM, STAT_SKIPPED
 from .selection_checks import (Pool, check_factor, check_finite, check_nonfinite, check_pool, check_sparsity,
-                               count_for_sparsity, resolve_k)
+                               count_for_sparsity, resolve_counts, resolve_k)
 from .vocabulary import SCOPES, check_pattern_sparsity, check_scope, parse_pattern
 
 __all__ = [
@@ -131,28 +131,60 @@ def _merge(total: Selection, part: Selection) -> None:
 # ---------------------------------------------------------------------------
 
 
-def _run_global(pool: Pool, k: int, factor: Optional[float], keep: bool) -> Selection:
+def _run_global(pool: Pool, k: int, factor: Optional[float], keep: bool, counts_check=None) -> Selection:
+    """One global_select_ call. Its kernel checks every entry before it writes (so a failure changes
+    nothing); a failure is then explained with the user's names by :func:`_explain`."""
     sel = Selection(pool.masks)
     if pool.curvature:
-        with torch.no_grad():
-            sel._add(ops.global_select_(pool.weights, pool.curvature, pool.masks, k, factor, keep))
+        try:
+            with torch.no_grad():
+                stats = ops.global_select_(pool.weights, pool.curvature, pool.masks, k, factor, keep)
+        except RuntimeError:
+            if counts_check is not None:
+                _explain(pool, keep, counts_check)
+            raise
+        sel._add(stats)
     return sel
 
 
+def _explain(pool: Pool, keep: bool, counts_check) -> None:
+    """After a kernel refused its arguments (writing nothing): raise the named error that says why.
+
+    The kernels check finiteness (and, with ``nonfinite="keep"``, whether
+    enough finite entries are left) in the pass they need anyway, so the
+    common, valid call pays for no extra pass; only a failing call pays for
+    finding the culprit here. Returns if nothing is found (the caller re-raises).
+    """
+    bad = check_finite(pool, keep)  # raises for a non-finite entry when keep is False
+    if keep:
+        counts_check(bad)
+
+
 def _run_each(pool: Pool, ks: Sequence[int], factor: Optional[float], keep: bool, rows: bool,
-              nm: Optional[tuple] = None) -> Selection:
-    """One selection per tensor (layer, row or N:M), with per-tensor results."""
+              nm: Optional[tuple] = None, counts_check=None) -> Selection:
+    """One selection per tensor (layer, row or N:M), with per-tensor results.
+
+    With several tensors the caller has checked all of them first (a kernel
+    refusing tensor 2 would come after tensor 1 was written); a single
+    tensor's kernel checks it before writing, and a failure is explained.
+    """
     sel = Selection(pool.masks)
     with torch.no_grad():
         for i, (h, m) in enumerate(zip(pool.curvature, pool.masks)):
             part = Selection([m])
             w = pool.weights[i]
-            if nm is not None:
-                part._add(ops.nm_select_(w, h, m, nm[0], nm[1], factor, keep))
-            elif rows:
-                part._add(ops.row_select_(w, h, m, ks[i], factor, keep))
-            else:
-                part._add(ops.global_select_([w], [h], [m], ks[i], factor, keep))
+            try:
+                if nm is not None:
+                    stats = ops.nm_select_(w, h, m, nm[0], nm[1], factor, keep)
+                elif rows:
+                    stats = ops.row_select_(w, h, m, ks[i], factor, keep)
+                else:
+                    stats = ops.global_select_([w], [h], [m], ks[i], factor, keep)
+            except RuntimeError:
+                if len(pool.curvature) == 1 and counts_check is not None:
+                    _explain(pool, keep, counts_check)
+                raise
+            part._add(stats)
             sel.per_tensor.append(part)
             _merge(sel, part)
     return sel
@@ -254,9 +286,7 @@ def prune_global_(
 def _prune_global(where, weights, curvature, k, sparsity, masks, factor, nonfinite, names) -> Selection:
     factor, keep = check_factor(factor), check_nonfinite(nonfinite)
     pool = check_pool(where, weights, curvature, masks, names=names, writes_weights=factor is not None)
-    bad = check_finite(pool, keep)
-    k = resolve_k(k, sparsity, pool.numel, "the number of entries", sum(bad))
-    return _run_global(pool, k, factor, keep)
+    return _run_global(pool, _pool_k(pool, k, sparsity), factor, keep, _pool_check(pool, k, sparsity))
 
 
 def select_global(
@@ -273,10 +303,9 @@ def select_global(
     where = "obd_ext.select_global"
     keep = check_nonfinite(nonfinite)
     pool = check_pool(where, weights, curvature, masks, names=names, writes_weights=False)
-    bad = check_finite(pool, keep)
-    k = resolve_k(k, sparsity, pool.numel, "the number of entries", sum(bad))
+    count = _pool_k(pool, k, sparsity)
     pool.masks = [m.clone() for m in pool.masks] if masks is not None else pool.masks
-    return _run_global(pool, k, None, keep)
+    return _run_global(pool, count, None, keep, _pool_check(pool, k, sparsity))
 
 
 def select_scores(
@@ -292,9 +321,7 @@ def select_scores(
     where = "obd_ext.select_scores"
     keep = check_nonfinite(nonfinite)
     pool = check_pool(where, None, scores, masks, names=names, writes_weights=False, curvature_arg="scores")
-    bad = check_finite(pool, keep)
-    k = resolve_k(k, sparsity, pool.numel, "the number of entries", sum(bad))
-    return _run_global(pool, k, None, keep)
+    return _run_global(pool, _pool_k(pool, k, sparsity), None, keep, _pool_check(pool, k, sparsity))
 
 
 def prune_layers_(
@@ -312,17 +339,44 @@ def prune_layers_(
 
 
 def _prune_layers(where, weights, curvature, sparsity, masks, factor, nonfinite, names) -> Selection:
-    sparsity = check_sparsity(sparsity)
+    if sparsity is None:
+        raise ValueError(f"{where}: sparsity is required (each tensor is pruned to it)")
     factor, keep = check_factor(factor), check_nonfinite(nonfinite)
     pool = check_pool(where, weights, curvature, masks, names=names, writes_weights=factor is not None)
-    bad = check_finite(pool, keep)
-    ks = []
-    for i, h in enumerate(pool.curvature):
-        try:
-            ks.append(resolve_k(None, sparsity, h.numel(), f"entries of {pool.label(pool.weights_arg, i)}", bad[i]))
-        except ValueError as e:
-            raise ValueError(f"{where}: {e}") from None
-    return _run_each(pool, ks, factor, keep, rows=False)
+    ns = [h.numel() for h in pool.curvature]
+
+    def counts(bad):
+        return _counts(pool, None, sparsity, ns, "entries of", bad)
+
+    bad = check_finite(pool, keep) if len(ns) > 1 else None  # several kernel calls: check all before the first
+    return _run_each(pool, counts(bad), factor, keep, rows=False, counts_check=counts)
+
+
+def _pool_k(pool: Pool, k, sparsity) -> int:
+    """The count of a global pool (the kernel checks it against the non-finite entries it skips)."""
+    return _k(pool, k, sparsity, pool.numel, "the number of entries", 0)
+
+
+def _pool_check(pool: Pool, k, sparsity):
+    """What :func:`_explain` checks with the non-finite counts once a global kernel refused."""
+    return lambda bad: _k(pool, k, sparsity, pool.numel, "the number of entries", sum(bad))
+
+
+def _k(pool: Pool, k, sparsity, n: int, what: str, bad: int) -> int:
+    """resolve_k with the function's name on its errors."""
+    try:
+        return resolve_k(k, sparsity, n, what, bad)
+    except ValueError as e:
+        raise ValueError(f"{pool.where}: {e}") from None
+
+
+def _counts(pool: Pool, k, sparsity, ns, what: str, bad=None) -> List[int]:
+    """resolve_counts with the tensors' labels, and the function's name on its errors."""
+    whats = [f"{what} {pool.label(pool.weights_arg, i)}" for i in range(len(ns))]
+    try:
+        return resolve_counts(k, sparsity, ns, whats, bad)
+    except ValueError as e:
+        raise ValueError(f"{pool.where}: {e}") from None
 
 
 def prune_rows_(
@@ -354,16 +408,14 @@ def prune_rows_(
 def _prune_rows(where, weights, curvature, k, sparsity, masks, factor, nonfinite, names, single) -> Selection:
     factor, keep = check_factor(factor), check_nonfinite(nonfinite)
     pool = _pool(where, weights, curvature, masks, names, factor, single)
-    ks = []
-    for i, w in enumerate(pool.weights):
-        try:
-            ks.append(resolve_k(k, sparsity, _rows_cols(w.shape)[1],
-                                f"entries per row of {pool.label(pool.weights_arg, i)}"))
-        except ValueError as e:
-            raise ValueError(f"{where}: {e}") from None
-    bad = check_finite(pool, keep)
-    _check_segments(pool, bad, ks, None)
-    sel = _run_each(pool, ks, factor, keep, rows=True)
+    ks = _counts(pool, k, sparsity, [_rows_cols(w.shape)[1] for w in pool.weights], "entries per row of")
+
+    def segments(bad):
+        _check_segments(pool, bad, ks, None)
+
+    if len(ks) > 1:  # several kernel calls: check all before the first
+        segments(check_finite(pool, keep))
+    sel = _run_each(pool, ks, factor, keep, rows=True, counts_check=segments)
     return _single(sel) if single else sel
 
 
@@ -396,9 +448,13 @@ def _prune_nm(where, weights, curvature, pattern, masks, factor, nonfinite, name
     factor, keep = check_factor(factor), check_nonfinite(nonfinite)
     pool = _pool(where, weights, curvature, masks, names, factor, single)
     _check_nm_shape(pool, nm, pattern)
-    bad = check_finite(pool, keep)
-    _check_segments(pool, bad, [nm[1] - nm[0]] * len(bad), nm)
-    sel = _run_each(pool, [], factor, keep, rows=False, nm=nm)
+
+    def segments(bad):
+        _check_segments(pool, bad, [nm[1] - nm[0]] * len(bad), nm)
+
+    if len(pool.weights) > 1:  # several kernel calls: check all before the first
+        segments(check_finite(pool, keep))
+    sel = _run_each(pool, [], factor, keep, rows=False, nm=nm, counts_check=segments)
     return _single(sel) if single else sel
 
 
@@ -450,29 +506,21 @@ def _prune_groups(where, weights, curvature, k, sparsity, dim, masks, factor, pe
         if not -w.dim() <= dim < w.dim():
             raise ValueError(f"{where}: dim={dim} is out of range for {pool.label(pool.weights_arg, i)} of shape "
                              f"{tuple(w.shape)}")
-    check_finite(pool, keep)
     with torch.no_grad():
         scores = [_group_scores(w, h, dim) for w, h in zip(pool.weights, pool.curvature)]
         # A group is deleted already when every one of its entries is.
         group_masks = [_any_except(m, dim) for m in pool.masks]
         bad = [int((g & ~torch.isfinite(s)).sum()) for s, g in zip(scores, group_masks)]
-    if not keep:
-        for i, nbad in enumerate(bad):
-            if nbad:  # finite inputs whose float64 group sums still overflow
-                raise ValueError(f"{where}: the summed saliency of {nbad} group(s) of "
-                                 f"{pool.label(pool.weights_arg, i)} along dim {dim} is not finite even in float64")
+    if not keep and any(bad):
+        check_finite(pool, keep)  # names a non-finite entry of the inputs, if there is one
+        i = next(i for i, nbad in enumerate(bad) if nbad)
+        raise ValueError(f"{where}: the summed saliency of {bad[i]} group(s) of {pool.label(pool.weights_arg, i)} "
+                         f"along dim {dim} is not finite (a deleted entry is non-finite, or the float64 sum "
+                         "overflows); pass nonfinite='keep' to keep such groups")
     if per_tensor:
-        ks = []
-        for i, s in enumerate(scores):
-            try:
-                ks.append(resolve_k(k, sparsity, s.numel(), f"groups of {pool.label(pool.weights_arg, i)}", bad[i]))
-            except ValueError as e:
-                raise ValueError(f"{where}: {e}") from None
+        ks = _counts(pool, k, sparsity, [s.numel() for s in scores], "groups of", bad)
     else:
-        try:
-            ks = [resolve_k(k, sparsity, sum(s.numel() for s in scores), "groups in all", sum(bad))]
-        except ValueError as e:
-            raise ValueError(f"{where}: {e}") from None
+        ks = [_k(pool, k, sparsity, sum(s.numel() for s in scores), "groups in all", sum(bad))]
     # Everything is checked: from here on the call writes.
     sel = Selection(pool.masks)
     with torch.no_grad():

@@ -29,6 +29,7 @@ __all__ = [
     "check_sparsity",
     "count_for_sparsity",
     "resolve_k",
+    "resolve_counts",
     "check_nonfinite",
     "check_factor",
     "check_pool",
@@ -65,21 +66,33 @@ def resolve_k(k: Optional[int], sparsity: Optional[float], n: int, what: str, un
     Raises:
         ValueError: both or neither given, a non-integer k, or a count out of range.
     """
+    return resolve_counts(k, sparsity, [n], [what], [unavailable])[0]
+
+
+def resolve_counts(k: Optional[int], sparsity: Optional[float], ns: Sequence[int], whats: Sequence[str],
+                   unavailable: Optional[Sequence[int]] = None) -> List[int]:
+    """:func:`resolve_k` for several pools at once (layers, rows of several weights): one check of k/sparsity."""
     if (k is None) == (sparsity is None):
         raise ValueError(f"give exactly one of k and sparsity, got k={k!r}, sparsity={sparsity!r}")
     if sparsity is not None:
-        count = count_for_sparsity(sparsity, n)
-    else:
-        if isinstance(k, bool) or not isinstance(k, numbers.Integral):
-            raise ValueError(f"k must be an integer, got {k!r}")
-        count = int(k)
-        if not 0 <= count <= n:
-            raise ValueError(f"k must be in [0, {n}] ({what}), got {count}")
-    if count > n - unavailable:
-        given = f"sparsity={sparsity!r} means {count} deleted" if sparsity is not None else f"k={count}"
-        raise ValueError(f"{given}, but only {n - unavailable} of {n} ({what}) can be deleted: "
-                         f"{unavailable} are non-finite and kept (nonfinite='keep')")
-    return count
+        sparsity = check_sparsity(sparsity)
+    elif isinstance(k, bool) or not isinstance(k, numbers.Integral):
+        raise ValueError(f"k must be an integer, got {k!r}")
+    counts = []
+    for i, (n, what) in enumerate(zip(ns, whats)):
+        off = unavailable[i] if unavailable else 0
+        if sparsity is not None:
+            count = int(round(sparsity * n))  # rounded like torch.nn.utils.prune
+        else:
+            count = int(k)
+            if not 0 <= count <= n:
+                raise ValueError(f"k must be in [0, {n}] ({what}), got {count}")
+        if count > n - off:
+            given = f"sparsity={sparsity!r} means {count} deleted" if sparsity is not None else f"k={count}"
+            raise ValueError(f"{given}, but only {n - off} of {n} ({what}) can be deleted: "
+                             f"{off} are non-finite and kept (nonfinite='keep')")
+        counts.append(count)
+    return counts
 
 
 def check_nonfinite(nonfinite: str) -> bool:
