@@ -54,7 +54,7 @@ def check_nm_pattern(weight: Tensor, n: int = 2, m: int = 4, name: str = "weight
     if worst > n:
         row, group = divmod(int(nonzeros.reshape(-1).argmax()), nonzeros.shape[1])
         raise ValueError(f"{name} is not {n}:{m} sparse: row {row}, inputs {group * m}..{group * m + m - 1} hold "
-                         f"{worst} nonzeros (prune with scope='nm', n={n}, m={m} first)")
+                         f"{worst} nonzeros (prune with pattern='{n}:{m}' first)")
 
 
 def _bytes(t: Tensor) -> int:
