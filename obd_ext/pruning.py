@@ -1,42 +1,89 @@
-"""Masks that keep deleted weights deleted (EQUATIONS.md, "Deleting a parameter").
+"""Masks that keep deleted weights deleted (docs/math.md, "Deleting a parameter").
 
 A :class:`Pruner` owns one bool keep-mask per pruned parameter and makes
 "deleted" mean frozen at zero through training:
 
-- the gradient of a deleted entry is zeroed by a tensor hook, so nothing
-  accumulates into momentum or Adam moments;
-- after every optimizer step (``attach(optimizer)``) deleted weights are set
-  to exactly zero again (weight decay, or an optimizer that moves weights
-  without a gradient, cannot revive them), and every per-parameter state
-  tensor of the optimizer (SGD momentum, Adam/AdamW moments, anything of the
-  parameter's shape) is zeroed at deleted entries.
+- after every backward, the accumulated gradient of a deleted entry is set to
+  zero in place (a post-accumulate-grad hook: one pass, no allocation), so
+  nothing flows into momentum or Adam moments;
+- ``prune()`` zeroes every per-parameter state tensor of the attached
+  optimizers at new deletions;
+- for the optimizers in :data:`ZERO_PRESERVING` nothing more is needed: with a
+  zero gradient, zero state and a zero weight, their update of that entry is
+  exactly zero (weight decay included), so a step costs nothing extra. Any
+  other optimizer (LBFGS, Muon, a user's own) gets the deleted weights and
+  its state re-zeroed after every step, and LBFGS's history is cleared when
+  the masks change (its flat history from before would revive them inside
+  the step).
 
-``prune()`` selects with any criterion and scope of obd_ext.selection; the
-paper's variants are ``factor`` (shrink instead of delete) and
-``revive()`` (let deleted weights adapt again).
+``prune()`` selects with any method and scope of the one vocabulary
+(:mod:`obd_ext.vocabulary`); the paper's variants are ``factor`` (shrink
+instead of delete) and ``revive()`` (let deleted weights adapt again).
+
+Masks travel with the model as its zeros: a finalized or pruned model saved
+with ``torch.save(model.state_dict())`` or ``save_pretrained`` holds plain
+dense tensors (readable by anything), and ``Pruner(model, adopt_zeros=True)``
+in a fresh process takes every exact zero of the pruned parameters as
+deleted. Zeros are chosen over extra mask buffers because a pruned weight is
+exactly zero by construction, so the zeros *are* the mask, and buffers would
+make the checkpoint unloadable by plain transformers or a model without the
+Pruner. A model pruned with ``torch.nn.utils.prune`` (``weight_orig`` and
+``weight_mask``) is adopted with its masks.
 """
 
 from __future__ import annotations
 
+import warnings
 from typing import Dict, List, Optional, Sequence
 
 import torch
 import torch.nn as nn
 from torch import Tensor
+from torch.nn.utils import prune as torch_prune
 
+from .selection import Selection, prune_, select_scores
 from .sparse_export import FORMATS, Finalized, finalize_modules
-from .selection import SCOPES, Selection, check_sparsity, prune_, select_scores
+from .vocabulary import CURVATURE_METHODS, PRUNER_METHODS, SCOPES, check_method, check_pattern_sparsity, check_scope
 
-__all__ = ["Pruner", "default_prunable", "CRITERIA", "OBDUnstructured"]
+__all__ = ["Pruner", "default_prunable", "ZERO_PRESERVING", "OBDUnstructured"]
 
-CRITERIA = ("obd", "lm", "fisher", "magnitude", "random")
+# Optimizers whose step leaves an entry at exactly zero when its gradient, its
+# state and its weight are zero: every update term is a product with the
+# gradient or a state that only grows from it, and weight decay multiplies the
+# weight (SGD: buf = mu buf + g + wd w; Adam/AdamW/Adamax/NAdam/RAdam: m and v
+# from g, update m / (sqrt(v) + eps), decoupled decay w (1 - lr wd); Adagrad,
+# Adadelta, RMSprop: g over an accumulator; Rprop: sign(g) step; ASGD: w
+# (1 - lambda eta) - eta g, ax moves toward w; Adafactor: g over a factored
+# second moment). tests/test_pruning.py checks each one by property. LBFGS
+# (flat history of steps) and Muon (orthogonalises the whole update) mix
+# entries, so they are not in this list.
+ZERO_PRESERVING = tuple(getattr(torch.optim, n) for n in (
+    "SGD", "Adam", "AdamW", "Adamax", "NAdam", "RAdam", "Adagrad", "Adadelta", "RMSprop", "Rprop", "ASGD",
+    "Adafactor") if hasattr(torch.optim, n))
 
 
 def default_prunable(model: nn.Module) -> List[str]:
-    """Weights of Linear, convolution and Embedding layers (biases and norms excluded)."""
-    kinds = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding)
+    """Weights of Linear, convolution and Embedding layers (biases and norms excluded).
+
+    Every layer is listed under its own name, so a weight shared by two
+    layers (an embedding tied to the output head) appears under both; the
+    Pruner prunes it once.
+    """
+    kinds = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
+             nn.ConvTranspose3d, nn.Embedding)
     return [f"{name}.weight" if name else "weight" for name, m in model.named_modules()
-            if isinstance(m, kinds) and getattr(m, "weight", None) is not None]
+            if isinstance(m, kinds) and isinstance(getattr(m, "weight", None), Tensor)]
+
+
+def _torch_pruned(model: nn.Module, name: str) -> Optional[nn.Module]:
+    """The module owning ``name`` if torch.nn.utils.prune reparametrised it (``<attr>_orig``, ``<attr>_mask``)."""
+    owner_name, _, attr = name.rpartition(".")
+    try:
+        owner = model.get_submodule(owner_name)
+    except AttributeError:
+        return None
+    orig, mask = getattr(owner, attr + "_orig", None), getattr(owner, attr + "_mask", None)
+    return owner if isinstance(orig, nn.Parameter) and isinstance(mask, Tensor) else None
 
 
 class Pruner:
@@ -45,114 +92,273 @@ class Pruner:
     Args:
         model: the model.
         params: parameter names to prune (default: :func:`default_prunable`).
+            A parameter shared under several names (tied weights) is pruned
+            once, with one mask, under its first name; its other names are
+            accepted everywhere a name is (``aliases`` maps them).
+        adopt_zeros: take every exact zero of the pruned parameters as already
+            deleted (a pruned model saved and loaded elsewhere resumes with
+            its deletions frozen). Off by default: a dense model may hold
+            exact zeros that must keep training (an Embedding's padding row,
+            a zero-initialised layer).
+
+    Layers pruned with ``torch.nn.utils.prune`` are adopted: their mask
+    becomes this Pruner's and torch's reparametrisation is made permanent
+    (``torch.nn.utils.prune.remove``), so the layer holds a plain weight.
     """
 
-    def __init__(self, model: nn.Module, params: Optional[Sequence[str]] = None):
+    def __init__(self, model: nn.Module, params: Optional[Sequence[str]] = None, *, adopt_zeros: bool = False):
+        names = list(params) if params is not None else default_prunable(model)
+        if not names:
+            raise ValueError("params: no parameters to prune (got an empty list"
+                             + (")" if params is not None else "; the model has no Linear, conv or Embedding weights)"))
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"params: each name may appear once, got {dup} more than once")
+        if not isinstance(adopt_zeros, bool):
+            raise TypeError(f"adopt_zeros must be a bool, got {adopt_zeros!r}")
+        # Every name of every parameter, tied ones included (named_parameters() lists a shared one once).
+        named = dict(model.named_parameters(remove_duplicate=False))
+        torch_owned = {n: _torch_pruned(model, n) for n in names if n not in named}
+        missing = [n for n, owner in torch_owned.items() if owner is None]
+        if missing:
+            raise ValueError(f"params: the model has no parameter named {missing[0]!r}")
+        # Validated: now adopt torch.nn.utils.prune's masks (this changes the model).
+        adopted: Dict[str, Tensor] = {}
+        for n, owner in torch_owned.items():
+            attr = n.rpartition(".")[2]
+            adopted[n] = getattr(owner, attr + "_mask").detach().bool().clone()
+            torch_prune.remove(owner, attr)
+        named = dict(model.named_parameters(remove_duplicate=False))
         self.model = model
-        named = dict(model.named_parameters())
-        self.names = list(params) if params is not None else default_prunable(model)
-        for n in self.names:
-            if n not in named:
-                raise ValueError(f"params: the model has no parameter named {n!r}")
-        self.params: Dict[str, nn.Parameter] = {n: named[n] for n in self.names}
-        self.masks: Dict[str, Tensor] = {n: torch.ones_like(p, dtype=torch.bool) for n, p in self.params.items()}
+        self.names: List[str] = []
+        self.aliases: Dict[str, str] = {}  # every accepted name -> the name its mask is kept under
+        self.params: Dict[str, nn.Parameter] = {}
+        by_id: Dict[int, str] = {}
+        for n in names:
+            p = named[n]
+            first = by_id.setdefault(id(p), n)
+            self.aliases[n] = first
+            if first == n:
+                self.names.append(n)
+                self.params[n] = p
+        for n, p in named.items():  # tied names the user did not list still find their mask
+            if id(p) in by_id:
+                self.aliases.setdefault(n, by_id[id(p)])
+        self.masks: Dict[str, Tensor] = {}
+        for n, p in self.params.items():
+            if n in adopted:
+                self.masks[n] = adopted[n].to(p.device)
+            elif adopt_zeros:
+                self.masks[n] = p.detach() != 0
+            else:
+                self.masks[n] = torch.ones_like(p, dtype=torch.bool)
+        if not adopt_zeros and not adopted:
+            zeros = {n: float((p == 0).float().mean()) for n, p in self.params.items() if p.numel()}
+            many = {n: z for n, z in zeros.items() if z >= 0.1}
+            if many:
+                n, z = next(iter(many.items()))
+                warnings.warn(f"Pruner: {len(many)} of the pruned parameters are at least 10% exact zeros "
+                              f"(e.g. {n}: {z:.0%}); if the model was pruned before, pass adopt_zeros=True to keep "
+                              "those weights frozen", stacklevel=2)
+        self._deleted: Dict[str, Tensor] = {}  # ~mask, kept so the gradient hook allocates nothing
         self._hooks: list = []
         self._optimizers: list = []
+        self._weights_dirty = False  # deleted weights may be non-zero (after a factor prune or a mask load)
+        self._refresh_deleted()
         self._install_grad_hooks()
+
+    def __repr__(self) -> str:
+        total = sum(m.numel() for m in self.masks.values())
+        deleted = total - sum(int(m.sum()) for m in self.masks.values())
+        return (f"Pruner({len(self.names)} parameters, {total} entries, {deleted} deleted "
+                f"(sparsity {deleted / total if total else 0.0:.4f}), {len(self._optimizers)} optimizer(s) attached, "
+                f"hooks {'on' if self._hooks else 'off'})")
 
     # ------------------------------------------------------------------
     # Selection
     # ------------------------------------------------------------------
 
-    def prune(self, sparsity: float, criterion: str = "obd", curvature: Optional[Dict[str, Tensor]] = None,
-              scope: str = "global", factor: Optional[float] = 0.0, n: int = 2, m: int = 4,
+    def _curvature_list(self, method: str, curvature) -> List[Tensor]:
+        if curvature is None:
+            raise ValueError(f"method={method!r} needs curvature (name -> tensor), e.g. from "
+                             f"obd_ext.hessian_diag(model, loss_fn, data, method={method!r})")
+        if not hasattr(curvature, "keys"):
+            raise TypeError(f"curvature must map parameter names to tensors (a dict or obd_ext.Curvature), "
+                            f"got {type(curvature).__name__}")
+        by_canonical: Dict[str, Tensor] = {}
+        for k in curvature.keys():
+            if k in self.aliases:
+                by_canonical.setdefault(self.aliases[k], curvature[k])
+        missing = [k for k in self.names if k not in by_canonical]
+        if missing:
+            raise ValueError(f"curvature has no entry for {missing}")
+        out = []
+        for k in self.names:
+            h, w = by_canonical[k], self.params[k]
+            if not isinstance(h, Tensor):
+                raise TypeError(f"curvature[{k!r}] must be a tensor, got {type(h).__name__}")
+            if h.shape != w.shape:
+                raise ValueError(f"curvature[{k!r}] has shape {tuple(h.shape)}, the parameter {tuple(w.shape)}")
+            out.append(h.to(w.device))
+        return out
+
+    def prune(self, sparsity: Optional[float] = None, method: str = "obd", curvature=None, *,
+              scope: Optional[str] = None, pattern: str = "unstructured", factor: Optional[float] = 0.0,
               generator: Optional[torch.Generator] = None) -> Selection:
-        """Delete to ``sparsity`` (fraction of the pruned parameters' entries, or per scope).
+        """Delete to a target sparsity: the fraction of the pruned entries deleted after the call.
+
+        Unlike ``torch.nn.utils.prune``'s ``amount`` (a fraction of what
+        remains), ``sparsity`` is the total: entries deleted before count and
+        stay deleted, and asking for less than is already deleted is an error
+        (``revive()`` first to start over).
 
         Args:
-            sparsity: target fraction deleted after the call (entries deleted
-                before count and stay deleted).
-            criterion: "obd"/"lm"/"fisher" (saliency h w^2 / 2 with the given
-                ``curvature``, name -> tensor, e.g. from obd_ext.hessian_diag),
-                "magnitude" (h = 1) or "random".
-            scope: one of obd_ext.SCOPES.
+            sparsity: target fraction deleted after the call, overall or per
+                ``scope``; implied by an N:M ``pattern`` (may be omitted).
+            method: one of :data:`obd_ext.vocabulary.PRUNER_METHODS`: a
+                curvature method ("obd", "lm", "fisher", ...: saliency
+                ``h w^2 / 2`` with ``curvature``), "magnitude" or "random".
+            curvature: name -> curvature tensor (a dict, or the
+                :class:`~obd_ext.Curvature` from ``obd_ext.hessian_diag``);
+                needed by the curvature methods.
+            scope: one of :data:`obd_ext.vocabulary.SCOPES`; None for the
+                default ("global").
+            pattern: "unstructured" or "N:M" such as "2:4" (N kept of every M
+                consecutive inputs of each row).
             factor: deleted weights are multiplied by it (0 deletes; the
                 paper's "decrease" variant uses a value in (0, 1)).
+            generator: random source for method="random".
+
+        Returns:
+            The :class:`~obd_ext.Selection` (counts and the predicted loss increase).
         """
-        check_sparsity(sparsity)
-        if criterion not in CRITERIA:
-            raise ValueError(f"criterion must be one of {CRITERIA}, got {criterion!r}")
-        if scope not in SCOPES:
-            raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
+        check_method(method, PRUNER_METHODS, "Pruner.prune")
+        scope = check_scope(scope, SCOPES)
+        sparsity = check_pattern_sparsity(pattern, sparsity)
+        if sparsity is None:
+            raise ValueError("sparsity: give the target fraction deleted (or an N:M pattern, which implies it)")
+        from .selection import check_sparsity
+
+        sparsity = check_sparsity(sparsity)
+        if pattern == "unstructured" and scope == "global" and sparsity < self.sparsity - 0.5 / max(self._total, 1):
+            raise ValueError(f"sparsity={sparsity:g} is below the {self.sparsity:.6g} already deleted: a Pruner only "
+                             "deletes more (sparsity is the total, not torch's fraction of what remains); call "
+                             "revive() first to start over")
         weights = [self.params[k] for k in self.names]
         masks = [self.masks[k] for k in self.names]
-        if criterion == "random":
-            if scope != "global":
-                raise ValueError("criterion='random' supports scope='global' only")
+        if method == "random":
+            if scope != "global" or pattern != "unstructured":
+                raise ValueError("method='random' supports scope='global' with pattern='unstructured' only")
             scores = [torch.rand(w.shape, generator=generator).to(w.device) for w in weights]
             sel = select_scores(scores, sparsity=sparsity, masks=masks, names=self.names)
-            self.apply_masks(factor)
+            self._after_masks_changed(factor)
             return sel
-        if criterion == "magnitude":
+        if method in CURVATURE_METHODS:
+            curv = self._curvature_list(method, curvature)
+        else:  # magnitude: saliency w^2 / 2 orders like |w|
             curv = [torch.ones_like(w) for w in weights]
-        else:
-            if curvature is None:
-                raise ValueError(f"criterion={criterion!r} needs curvature (name -> tensor), e.g. from "
-                                 "obd_ext.hessian_diag(model, loss_fn, data, method=...)")
-            missing = [k for k in self.names if k not in curvature]
-            if missing:
-                raise ValueError(f"curvature has no entry for {missing}")
-            curv = [curvature[k].to(w.device) for k, w in zip(self.names, weights)]
         with torch.no_grad():
-            sel = prune_(weights, curv, sparsity=sparsity, scope=scope, masks=masks, factor=factor, n=n, m=m,
+            sel = prune_(weights, curv, sparsity=None if pattern != "unstructured" else sparsity, scope=scope
+                         if pattern == "unstructured" else None, pattern=pattern, masks=masks, factor=factor,
                          names=self.names)
-        self.apply_masks(None)  # the kernels wrote the weights; clear the optimizers' state at new deletions
+        # The kernels wrote the weights (zeroed or scaled by factor); clear the optimizers' state there.
+        self._after_masks_changed(None if factor == 0.0 else factor, kernels_wrote=True)
         return sel
+
+    @property
+    def _total(self) -> int:
+        return sum(m.numel() for m in self.masks.values())
 
     # ------------------------------------------------------------------
     # Freezing
     # ------------------------------------------------------------------
 
+    def _refresh_deleted(self) -> None:
+        self._deleted = {k: ~m for k, m in self.masks.items()}
+
+    def _mask_grad(self, name: str, param: Tensor) -> None:
+        # After accumulation, in place: one pass, nothing allocated. masked_fill_
+        # (not a multiply) so a non-finite gradient at a deleted entry becomes 0.
+        if param.grad is not None:
+            param.grad.masked_fill_(self._deleted[name], 0)
+
     def _install_grad_hooks(self) -> None:
         for name, p in self.params.items():
             if p.requires_grad:
-                self._hooks.append(p.register_hook(lambda g, name=name: g * self.masks[name].to(g.dtype)))
+                self._hooks.append(p.register_post_accumulate_grad_hook(
+                    lambda param, name=name: self._mask_grad(name, param)))
+
+    def _after_masks_changed(self, factor: Optional[float], kernels_wrote: bool = False) -> None:
+        self._refresh_deleted()
+        if not kernels_wrote:
+            self.apply_masks(factor)
+        else:
+            self.apply_masks(None)
+        if factor is not None and factor != 0.0:
+            self._weights_dirty = True
+        for opt in self._optimizers:
+            if isinstance(opt, torch.optim.LBFGS):
+                # LBFGS keeps flat histories of steps and gradient changes from
+                # before: its next direction would move deleted entries inside
+                # the step. A fresh history (the same as a restart) cannot.
+                opt.state.clear()
 
     @torch.no_grad()
     def apply_masks(self, factor: Optional[float] = 0.0) -> None:
-        """Zero (or scale) the deleted weights and the optimizers' state at them."""
+        """Zero (or scale, or leave with ``factor=None``) the deleted weights, and zero the optimizers' state there."""
         for name, p in self.params.items():
-            keep = self.masks[name]
+            deleted = self._deleted[name]
             if factor is not None:
                 if factor == 0.0:
-                    p.masked_fill_(~keep, 0.0)
+                    p.masked_fill_(deleted, 0.0)
                 else:
-                    p.copy_(torch.where(keep, p, p * factor))
+                    p.copy_(torch.where(deleted, p * factor, p))
             for opt in self._optimizers:
                 for value in opt.state.get(p, {}).values():
                     if isinstance(value, Tensor) and value.shape == p.shape:
-                        value.masked_fill_(~keep, 0)
+                        value.masked_fill_(deleted, 0)
+        if factor == 0.0:
+            self._weights_dirty = False
+
+    def _after_step(self, opt: torch.optim.Optimizer) -> None:
+        # Zero-preserving optimizers cannot move a deleted entry while its
+        # weight is zero; others, and weights left non-zero by factor, are re-zeroed.
+        if self._weights_dirty or not isinstance(opt, ZERO_PRESERVING):
+            self.apply_masks(0.0)
 
     def attach(self, optimizer: torch.optim.Optimizer) -> "Pruner":
-        """Re-apply the masks after every step of ``optimizer``."""
+        """Keep deleted weights and ``optimizer``'s state at them zero through its steps."""
+        if isinstance(optimizer, torch.optim.SparseAdam):
+            raise ValueError("attach: SparseAdam takes sparse gradients, which the Pruner cannot mask in place; "
+                             "use Adam or AdamW")
+        if optimizer in self._optimizers:
+            return self
         self._optimizers.append(optimizer)
-        self._hooks.append(optimizer.register_step_post_hook(lambda opt, args, kwargs: self.apply_masks()))
+        self._hooks.append(optimizer.register_step_post_hook(lambda opt, args, kwargs: self._after_step(opt)))
+        self.apply_masks(None)  # state built before attaching must not revive anything
+        if isinstance(optimizer, torch.optim.LBFGS) and any((~m).any() for m in self.masks.values()):
+            optimizer.state.clear()
         return self
 
     def revive(self) -> None:
         """Let every deleted weight adapt again (the paper's variant): all masks back to True."""
         for m in self.masks.values():
             m.fill_(True)
+        self._refresh_deleted()
 
-    def remove(self) -> None:
-        """Remove every hook (the masks stay as they are)."""
+    def remove_hooks(self) -> None:
+        """Remove the gradient and optimizer hooks; the masks and the zeros stay as they are.
+
+        This is not ``torch.nn.utils.prune.remove`` (which makes pruning
+        permanent): that is :meth:`finalize`.
+        """
         for h in self._hooks:
             h.remove()
         self._hooks.clear()
         self._optimizers.clear()
 
     def finalize(self, format: str = "dense") -> Finalized:
-        """Finish pruning: zeros in place, no hooks left, optionally sparse storage.
+        """Make pruning permanent (torch's ``prune.remove``): zeros in place, no hooks, optionally sparse storage.
 
         Args:
             format: "dense" (plain tensors with zeros), "csr" (pruned Linear
@@ -160,15 +366,25 @@ class Pruner:
                 pruned Linear weights as CUDA 2:4 tensors); see
                 obd_ext.sparse_export. Other pruned tensors stay dense.
 
+        Every layer is checked before anything changes: a layer that cannot
+        be converted leaves the model, the masks and the hooks as they were.
+
         Returns:
             A :class:`~obd_ext.sparse_export.Finalized` saying what was converted
             and the bytes before and after.
         """
         if format not in FORMATS:  # checked before the hooks go, so a typo changes nothing
             raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
-        self.apply_masks(0.0)
-        self.remove()
-        return finalize_modules(self.model, self.names, format)
+        with torch.no_grad():
+            zeroed = {k: p.masked_fill(self._deleted[k], 0.0) for k, p in self.params.items()}
+        # Converts every layer from the zeroed copies first; raises before anything is changed.
+        result = finalize_modules(self.model, self.names, format, values=zeroed)
+        with torch.no_grad():
+            for k, p in self.params.items():
+                if k not in result.converted:
+                    p.copy_(zeroed[k])
+        self.remove_hooks()
+        return result
 
     # ------------------------------------------------------------------
     # Reporting and persistence
@@ -187,13 +403,23 @@ class Pruner:
         return {k: m.clone() for k, m in self.masks.items()}
 
     def load_state_dict(self, state: Dict[str, Tensor]) -> None:
+        """Load masks saved by :meth:`state_dict`; every mask is checked before any is changed."""
         for k, m in self.masks.items():
             if k not in state:
                 raise KeyError(f"load_state_dict: no mask for {k!r}")
-            if state[k].shape != m.shape:
-                raise ValueError(f"load_state_dict: mask {k!r} has shape {tuple(state[k].shape)}, "
+            v = state[k]
+            if not isinstance(v, Tensor) or v.dtype != torch.bool:
+                raise TypeError(f"load_state_dict: mask {k!r} must be a bool tensor, got "
+                                f"{v.dtype if isinstance(v, Tensor) else type(v).__name__}")
+            if v.shape != m.shape:
+                raise ValueError(f"load_state_dict: mask {k!r} has shape {tuple(v.shape)}, "
                                  f"expected {tuple(m.shape)}")
+        extra = sorted(set(state) - set(self.masks))
+        if extra:
+            raise KeyError(f"load_state_dict: masks for parameters this Pruner does not prune: {extra}")
+        for k, m in self.masks.items():
             m.copy_(state[k])
+        self._refresh_deleted()
         self.apply_masks()
 
 
@@ -201,10 +427,23 @@ class Pruner:
 # torch.nn.utils.prune interoperability
 # ---------------------------------------------------------------------------
 
-from torch.nn.utils import prune as _torch_prune  # noqa: E402
+def _check_amount(amount) -> None:
+    """torch.nn.utils.prune's rule for ``amount``: a count >= 0 or a fraction in [0, 1]."""
+    if isinstance(amount, bool) or not isinstance(amount, (int, float)):
+        raise TypeError(f"amount must be an int (a count) or a float (a fraction), got {amount!r}")
+    if isinstance(amount, int) and amount < 0 or isinstance(amount, float) and not 0.0 <= amount <= 1.0:
+        raise ValueError(f"amount must be a count >= 0 or a fraction in [0, 1], got {amount!r}")
 
 
-class OBDUnstructured(_torch_prune.BasePruningMethod):
+def _amount_count(amount, alive: int) -> int:
+    """Entries ``amount`` takes from ``alive`` unpruned ones, rounded like torch's methods."""
+    k = amount if isinstance(amount, int) else round(amount * alive)
+    if k > alive:
+        raise ValueError(f"amount={amount!r} asks for {k} entries but only {alive} are left unpruned")
+    return k
+
+
+class OBDUnstructured(torch_prune.BasePruningMethod):
     """A ``torch.nn.utils.prune`` method that deletes by OBD saliency ``h w^2 / 2``.
 
     Example::
@@ -220,7 +459,7 @@ class OBDUnstructured(_torch_prune.BasePruningMethod):
     PRUNING_TYPE = "unstructured"
 
     def __init__(self, amount, curvature: Tensor):
-        _torch_prune._validate_pruning_amount_init(amount)
+        _check_amount(amount)
         self.amount = amount
         self.curvature = curvature
 
@@ -233,8 +472,7 @@ class OBDUnstructured(_torch_prune.BasePruningMethod):
                              "pruned before)")
         keep = default_mask.clone().bool()
         alive = int(keep.sum())
-        k = _torch_prune._compute_nparams_toprune(self.amount, alive)
-        _torch_prune._validate_pruning_amount(k, alive)
+        k = _amount_count(self.amount, alive)
         already = keep.numel() - alive
         with torch.no_grad():
             select_scores([saliency(t.detach(), self.curvature.to(t.device))], k=already + k, masks=[keep])
@@ -248,5 +486,5 @@ class OBDUnstructured(_torch_prune.BasePruningMethod):
             # whole tensor here and add the result as a custom mask.
             orig, old = getattr(module, name + "_orig"), getattr(module, name + "_mask")
             keep = cls(amount, curvature).compute_mask(orig.detach(), old)
-            return _torch_prune.custom_from_mask(module, name, keep)
+            return torch_prune.custom_from_mask(module, name, keep)
         return super().apply(module, name, amount=amount, curvature=curvature)

@@ -29,8 +29,8 @@ def net(seed=0):
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(opt=st.sampled_from(list(OPTIMIZERS)), warmup=st.integers(0, 3), steps=st.integers(1, 6),
-       sparsity=st.floats(0, 1), criterion=st.sampled_from(["magnitude", "random", "obd"]), seed=st.integers(0, 5))
-def test_deleted_weights_stay_exactly_zero(opt, warmup, steps, sparsity, criterion, seed):
+       sparsity=st.floats(0, 1), method=st.sampled_from(["magnitude", "random", "obd"]), seed=st.integers(0, 5))
+def test_deleted_weights_stay_exactly_zero(opt, warmup, steps, sparsity, method, seed):
     """Pruning after some training (momentum and moments already built up) and training on."""
     model = net(seed)
     x, y = torch.randn(16, 6), torch.randint(0, 3, (16,))
@@ -41,9 +41,9 @@ def test_deleted_weights_stay_exactly_zero(opt, warmup, steps, sparsity, criteri
         optimizer.step()
     pruner = Pruner(model)
     curv = obd_ext.hessian_diag(model, nn.CrossEntropyLoss(), (x, y), method="lm", progress=False) \
-        if criterion == "obd" else None
+        if method == "obd" else None
     pruner.attach(optimizer)
-    pruner.prune(sparsity, criterion=criterion, curvature=curv, generator=torch.Generator().manual_seed(seed))
+    pruner.prune(sparsity, method=method, curvature=curv, generator=torch.Generator().manual_seed(seed))
     for _ in range(steps):
         optimizer.zero_grad()
         nn.functional.cross_entropy(model(x), y).backward()
@@ -64,7 +64,7 @@ def test_default_prunable_and_counts():
     model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.Flatten(), nn.Linear(8, 3), nn.LayerNorm(3))
     assert default_prunable(model) == ["0.weight", "3.weight"]
     pruner = Pruner(model)
-    pruner.prune(0.5, criterion="magnitude")
+    pruner.prune(0.5, method="magnitude")
     assert sum(pruner.counts().values()) == round(0.5 * (18 + 24))
     assert pruner.sparsity == pytest.approx(21 / 42)
 
@@ -72,16 +72,16 @@ def test_default_prunable_and_counts():
 def test_steps_keep_earlier_deletions_and_factor_variant():
     model = net()
     pruner = Pruner(model)
-    pruner.prune(0.3, criterion="magnitude")
+    pruner.prune(0.3, method="magnitude")
     first = pruner.state_dict()
-    pruner.prune(0.6, criterion="magnitude")
+    pruner.prune(0.6, method="magnitude")
     for k, m in pruner.masks.items():
         assert not (m & ~first[k]).any()
     w0 = {k: p.detach().clone() for k, p in model.named_parameters()}
     p2 = Pruner(net())
     model2 = p2.model
     before = {k: v.detach().clone() for k, v in model2.named_parameters()}
-    p2.prune(0.5, criterion="magnitude", factor=0.5)
+    p2.prune(0.5, method="magnitude", factor=0.5)
     for k, m in p2.masks.items():
         torch.testing.assert_close(model2.get_parameter(k)[~m], before[k][~m] * 0.5)
     p2.revive()
@@ -92,7 +92,7 @@ def test_steps_keep_earlier_deletions_and_factor_variant():
 def test_state_dict_roundtrip_and_deepcopy():
     model = net()
     pruner = Pruner(model)
-    pruner.prune(0.5, criterion="magnitude")
+    pruner.prune(0.5, method="magnitude")
     state = pruner.state_dict()
     other = Pruner(net(1))
     other.load_state_dict(state)
@@ -109,11 +109,13 @@ def test_errors():
     model = net()
     pruner = Pruner(model)
     with pytest.raises(ValueError, match=r"sparsity must be a number in \[0, 1\], got 1.5"):
-        pruner.prune(1.5, criterion="magnitude")
-    with pytest.raises(ValueError, match="criterion must be one of"):
-        pruner.prune(0.5, criterion="taylor")
+        pruner.prune(1.5, method="magnitude")
+    with pytest.raises(ValueError, match="method must be one of"):
+        pruner.prune(0.5, method="taylor")
+    with pytest.raises(ValueError, match="not accepted by Pruner.prune"):
+        pruner.prune(0.5, method="layerwise-obd")
     with pytest.raises(ValueError, match="needs curvature"):
-        pruner.prune(0.5, criterion="obd")
+        pruner.prune(0.5, method="obd")
     with pytest.raises(ValueError, match="no parameter named 'nope'"):
         Pruner(model, params=["nope"])
 
@@ -147,10 +149,10 @@ def test_pruned_model_under_torch_compile():
     model = net()
     x = torch.randn(5, 6)
     pruner = Pruner(model)
-    pruner.prune(0.5, criterion="magnitude")
+    pruner.prune(0.5, method="magnitude")
     compiled = torch.compile(model, backend="aot_eager")
     torch.testing.assert_close(compiled(x), model(x))
-    pruner.remove()  # finalised: a plain model with zeros in place, no hooks
+    pruner.finalize()  # finalised: a plain model with zeros in place, no hooks
     m = pruner.masks["0.weight"]
     assert (model[0].weight[~m] == 0).all()
     model(x).square().sum().backward()
@@ -173,7 +175,7 @@ def test_finalize_dense_leaves_zeros_and_no_hooks():
     pruner = Pruner(model)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     pruner.attach(opt)
-    pruner.prune(0.6, criterion="magnitude", factor=0.5)  # the "decrease" variant: finalising still zeros them
+    pruner.prune(0.6, method="magnitude", factor=0.5)  # the "decrease" variant: finalising still zeros them
     report = pruner.finalize()
     assert report.format == "dense" and report.converted == [] and report.kept_dense == pruner.names
     for name, keep in pruner.masks.items():
@@ -188,7 +190,7 @@ def test_finalize_dense_leaves_zeros_and_no_hooks():
 def test_finalize_csr_matches_dense_and_saves_bytes(tmp_path):
     model = _conv_mlp()
     pruner = Pruner(model)
-    pruner.prune(0.9, criterion="magnitude")
+    pruner.prune(0.9, method="magnitude")
     dense = copy.deepcopy(model)
     Pruner(dense).finalize()
     report = pruner.finalize("csr")
@@ -208,7 +210,7 @@ def test_finalize_csr_matches_dense_and_saves_bytes(tmp_path):
 def test_finalize_errors_name_the_layer():
     model = _conv_mlp()
     pruner = Pruner(model)
-    pruner.prune(0.5, criterion="magnitude")
+    pruner.prune(0.5, method="magnitude")
     with pytest.raises(ValueError, match="format must be one of"):
         pruner.finalize("coo")
     assert pruner._hooks  # a wrong format changes nothing
@@ -216,7 +218,7 @@ def test_finalize_errors_name_the_layer():
         pruner.finalize("semi_structured")
     nm = _conv_mlp()
     p = Pruner(nm, params=["0.weight"])
-    p.prune(0.5, criterion="magnitude", scope="nm", n=2, m=4)
+    p.prune(0.5, method="magnitude", pattern="2:4")
     obd_ext.check_nm_pattern(nm[0].weight, 2, 4)
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="0.weight: 2:4 semi-structured tensors run on CUDA only"):
@@ -231,7 +233,7 @@ def test_finalize_semi_structured_on_cuda():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 64)).cuda().half()
     pruner = Pruner(model)
-    pruner.prune(0.5, criterion="magnitude", scope="nm", n=2, m=4)
+    pruner.prune(0.5, method="magnitude", pattern="2:4")
     dense = copy.deepcopy(model)
     Pruner(dense).finalize()
     report = pruner.finalize("semi_structured")
