@@ -15,9 +15,10 @@ line on stderr, ``obd-ext: error: ...``, and the exit status says whose it is:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import traceback
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, Iterator, List, Optional
 
 __all__ = ["main", "build_parser", "EXIT_USAGE", "EXIT_INTERNAL"]
 
@@ -236,15 +237,35 @@ def _check_prune_llm_files(args: argparse.Namespace) -> None:
                          f"got {args.seq_len}; or pass --no-eval")
 
 
+@contextlib.contextmanager
+def _transformers_bars(show: bool) -> Iterator[None]:
+    """transformers' own progress bars (loading weights) follow --no-progress while the command runs."""
+    try:
+        from transformers.utils import logging as tf_logging
+    except ImportError:  # prune_llm reports it, with what to install
+        yield
+        return
+    was = tf_logging.is_progress_bar_enabled()
+    if not show:
+        tf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was and not show:
+            tf_logging.enable_progress_bar()
+
+
 def _prune_llm(args: argparse.Namespace) -> None:
     from .layerwise import hf
 
     _check_prune_llm_files(args)
-    r = hf.prune_llm(args.model_dir, args.out, calib=args.calib, sparsity=args.sparsity, pattern=args.pattern,
-                     eval_text=args.eval_text, nsamples=args.nsamples, seq_len=args.seq_len, scope=args.scope,
-                     method=args.method, device=args.device, dtype=hf.DTYPES[args.dtype] if args.dtype else None,
-                     seed=args.seed, evaluate=not args.no_eval, overwrite=args.overwrite,
-                     progress=not args.no_progress, log=None if args.no_progress else _stage)
+    with _transformers_bars(not args.no_progress):
+        r = hf.prune_llm(args.model_dir, args.out, calib=args.calib, sparsity=args.sparsity, pattern=args.pattern,
+                         eval_text=args.eval_text, nsamples=args.nsamples, seq_len=args.seq_len, scope=args.scope,
+                         method=args.method, device=args.device,
+                         dtype=hf.DTYPES[args.dtype] if args.dtype else None, seed=args.seed,
+                         evaluate=not args.no_eval, overwrite=args.overwrite, progress=not args.no_progress,
+                         log=None if args.no_progress else _stage)
     scope = f", scope {r['scope']}" if r["scope"] else ""
     line = (f"{r['method']} {r['pattern']}{scope}: sparsity {r['detail']['sparsity']:.4f} of the block layers")
     if r["perplexity_after"] is not None:
