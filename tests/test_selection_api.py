@@ -208,3 +208,31 @@ def test_repr_summarises():
     assert len(text) < 300, text
     assert text.startswith("Selection(tensors=8, numel=2097152, deleted_now=1048576, deleted_before=0, sparsity=0.5")
     assert "tensor(" not in text and str(sel) == text
+
+
+def test_group_scores_that_overflow_float32_are_ordered_in_float64():
+    # Saliencies of 5e39 overflow float32 (inf), and +inf + -inf would be NaN: the group scope sums those
+    # groups in float64 instead of raising or ordering them wrongly.
+    w = torch.tensor([[1e20, 1.0], [3e19, 1.0], [1.0, 1.0], [1e20, 1e20]])
+    h = torch.tensor([[1.0, -1.0], [1.0, 1.0], [1.0, 1.0], [1.0, -1.0]])
+    exact = [reference.group_saliency(w.double(), h.double(), 0)[i].item() for i in range(4)]
+    assert exact[3] == 0.0 and exact[2] < exact[1] < exact[0]
+    for scope_call in (lambda wc: obd_ext.prune_groups_([wc], [h], k=3),
+                       lambda wc: obd_ext.prune_([wc], [h], sparsity=0.75, scope="group")):
+        wc = w.clone()
+        sel = scope_call(wc)
+        assert sel.masks[0].all(1).tolist() == [True, False, False, False]
+        assert (wc[1:] == 0).all() and torch.equal(wc[0], w[0])
+
+
+def test_sparsity_checked_once_per_call(monkeypatch):
+    from obd_ext import selection_checks
+
+    calls = []
+    real = selection_checks.check_sparsity
+    monkeypatch.setattr(selection_checks, "check_sparsity", lambda *a, **k: calls.append(a) or real(*a, **k))
+    ws, hs = layers()
+    for scope in obd_ext.SCOPES:
+        calls.clear()
+        obd_ext.prune_([w.clone() for w in ws], hs, sparsity=0.5, scope=scope)
+        assert len(calls) == 1, (scope, calls)
