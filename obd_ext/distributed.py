@@ -22,9 +22,8 @@ concatenated in a fixed order, FSDP's flat parameter), and each rank holds a
 contiguous slice of it, rank r's slice before rank r+1's. The k lowest
 saliencies of the whole vector are found without moving weights, curvatures
 or saliencies between ranks, by a distributed radix select on the saliency's
-order-preserving integer key (the kernels' key, ``csrc/kernels/common.h``:
--0.0 is +0.0, then the sign bit is set on non-negatives and every bit flipped
-on negatives):
+order-preserving integer key (the kernels' key, written once in
+:mod:`obd_ext.saliency_keys`):
 
 1. one ``all_gather`` of a row of counts per rank (entries, already deleted,
    non-finite, key width, argument checks): every rank learns N, k, whether
