@@ -8,12 +8,15 @@ registered under ``torch.ops.obd_ext``.
 import torch  # noqa: F401  (must load before _C: it links against libtorch)
 
 from . import _C  # noqa: F401  loads the kernels and registers torch.ops.obd_ext
-from . import ops, reference
-from .curvature import METHODS, Curvature, CurvatureAccumulator, UnsupportedOpError, hessian_diag
+from . import constants, ops, vocabulary
+from ._version import __version__
+from .curvature import Curvature, CurvatureAccumulator, UnsupportedOpError, hessian_diag
 from .pruning import OBDUnstructured, Pruner, default_prunable
 from .sparse_export import Finalized, check_nm_pattern
 from . import distributed, layerwise
+from . import checkpoints
 from .scheduler import OBDScheduler, cubic, fixed, one_shot
+from .vocabulary import METHODS, check_pattern_sparsity, parse_pattern
 from .ops import group_saliency, saliency
 from .selection import (
     SCOPES,
@@ -30,11 +33,14 @@ from .selection import (
     select_scores,
 )
 
-__version__ = "0.1.0"
-
 __all__ = [
+    "__version__",
     "ops",
-    "reference",
+    "constants",
+    "vocabulary",
+    "checkpoints",
+    "parse_pattern",
+    "check_pattern_sparsity",
     "saliency",
     "group_saliency",
     "SCOPES",
