@@ -235,44 +235,56 @@ MUTATING_OPS = ("global_select_", "row_select_", "nm_select_", "column_sq_sum_")
 _impl_lib = torch.library.Library("obd_ext", "IMPL")  # noqa: TOR901 - lives as long as the module
 
 
-def _written(schema, args) -> list:
-    """The tensors an op call writes (its ``Tensor(a!)`` and ``Tensor(a!)[]`` arguments).
+def _writer(schema):
+    """A function giving the tensors an op call writes (its ``Tensor(a!)`` and ``Tensor(a!)[]`` arguments).
 
-    The selection ops write their weights only when ``factor`` is given (see
+    Built once per op, so a call pays for a few index lookups only. The
+    selection ops write their weights only when ``factor`` is given (see
     csrc/ops.cpp); with ``factor=None`` the weights are read, not written, and
     keep their version (``select_global`` must not break a graph that saved them).
     """
     names = [a.name for a in schema.arguments]
-    reads_weights = "factor" in names and args[names.index("factor")] is None
-    out = []
-    for arg, value in zip(schema.arguments, args):
-        if reads_weights and arg.name in ("weights", "weight"):
-            continue
-        if arg.alias_info is not None and arg.alias_info.is_write and value is not None:
-            out.extend(value if isinstance(value, (list, tuple)) else [value])
-    return out
+    mutable = [i for i, a in enumerate(schema.arguments) if a.alias_info is not None and a.alias_info.is_write]
+    factor = names.index("factor") if "factor" in names else None
+    weights = [i for i in mutable if names[i] in ("weights", "weight")]
+    always = [i for i in mutable if i not in weights]
+
+    def written(args) -> list:
+        idx = always if (factor is not None and args[factor] is None) else mutable
+        out = []
+        for i in idx:
+            v = args[i]
+            if isinstance(v, (list, tuple)):
+                out.extend(v)
+            elif v is not None:
+                out.append(v)
+        return out
+
+    return written
 
 
 def _register_inplace(name: str) -> None:
     op = getattr(_ops, name).default
-    schema = op._schema
+    written = _writer(op._schema)
     below_inplace = torch._C._after_ADInplaceOrView_keyset
     below_autograd = torch._C._after_autograd_keyset
+    bump = torch.autograd.graph.increment_version
 
     def inplace_or_view(keyset, *args):
-        written = _written(schema, args)
-        for t in written:
-            if t.is_inference() and not torch.is_inference_mode_enabled():
-                raise RuntimeError(f"obd_ext.{name}: Inplace update to inference tensor outside InferenceMode is "
-                                   "not allowed (as for torch's own in-place ops)")
+        ts = written(args)
+        if not torch.is_inference_mode_enabled():
+            for t in ts:
+                if t.is_inference():
+                    raise RuntimeError(f"obd_ext.{name}: Inplace update to inference tensor outside InferenceMode is "
+                                       "not allowed (as for torch's own in-place ops)")
         out = op.redispatch(keyset & below_inplace, *args)
-        for t in written:
-            torch.autograd.graph.increment_version(t)
+        for t in ts:
+            bump(t)
         return out
 
     def autograd(keyset, *args):
         if torch.is_grad_enabled():
-            for t in _written(schema, args):
+            for t in written(args):
                 if t.requires_grad:
                     raise RuntimeError(
                         f"obd_ext.{name} writes a tensor that requires grad in place and has no derivative; call "
