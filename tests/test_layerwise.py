@@ -170,6 +170,8 @@ def test_vocabulary_defaults_and_conflicts():
     batches = [torch.randint(0, 61, (2, 16))]
     r = prune_layerwise(_gpt(), batches, progress=False)
     assert (r.method, r.scope, r.pattern, r.sparsity_target) == ("layerwise-obd", "row", "unstructured", 0.5)
+    assert repr(r).startswith("LayerwiseResult(method='layerwise-obd', pattern='unstructured', scope='row', "
+                              "sparsity_target=0.5, sparsity=0.5, layers=12, calibration_rows=32, seconds=")
     r = prune_layerwise(_gpt(), batches, pattern="1:4", progress=False)  # sparsity implied by the pattern
     assert (r.scope, r.sparsity_target) == (None, 0.75) and r.sparsity == pytest.approx(0.75)
     assert prune_layerwise(_gpt(), batches, pattern="2:4", sparsity=0.5, progress=False).sparsity == 0.5

@@ -1,4 +1,4 @@
-"""Layer-wise OBD for large models.
+"""Layer-wise OBD for large models (docs/math.md, "Layer-wise form for large models").
 
 - :mod:`.stats`: calibration statistics ``sum_n x_nj^2`` per input feature;
 - :mod:`.blockwise`: pruning (and evaluating) one transformer block at a time;

@@ -336,6 +336,12 @@ class LayerwiseResult:
         """The result as plain JSON-ready values, with the achieved ``sparsity``."""
         return {**asdict(self), "sparsity": self.sparsity}
 
+    def __repr__(self) -> str:
+        # A summary: the per-layer reports of a large model would print pages (they are in .layers / to_dict()).
+        return (f"LayerwiseResult(method={self.method!r}, pattern={self.pattern!r}, scope={self.scope!r}, "
+                f"sparsity_target={self.sparsity_target:g}, sparsity={self.sparsity:.4g}, "
+                f"layers={len(self.layers)}, calibration_rows={self.calibration_rows}, seconds={self.seconds:.3g})")
+
 
 def prune_by_saliency_(layers: Dict[str, nn.Module], curvatures: Optional[Dict[str, Tensor]],
                        sparsity: Optional[float] = None, pattern: str = "unstructured",

@@ -4,8 +4,8 @@ For one linear layer ``y = x W^T`` and the reconstruction loss
 ``E = sum_n ||x_n W^T - x_n W'^T||^2`` of its calibration inputs, the Hessian
 of ``E`` with respect to row ``i`` of ``W`` is ``2 X^T X`` for every row, so its
 diagonal is ``h_ij = 2 sum_n x_nj^2`` and the OBD saliency of ``w_ij`` is
-``s_ij = h_ij w_ij^2 / 2 = w_ij^2 sum_n x_nj^2`` (EQUATIONS.md, "Layer-wise
-form"). Ranked per output row this is the square of Wanda's score
+``s_ij = h_ij w_ij^2 / 2 = w_ij^2 sum_n x_nj^2`` (docs/math.md, "Layer-wise form for large
+models"). Ranked per output row this is the square of Wanda's score
 ``|w_ij| ||x_j||``, so the masks are Wanda's.
 
 :class:`CalibrationStats` collects the statistics with forward pre-hooks:
