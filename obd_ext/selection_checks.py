@@ -148,11 +148,11 @@ class Pool:
         return sum(h.numel() for h in self.curvature)
 
 
-def _as_list(x, arg: str, where: str) -> list:
+def _as_list(x, arg: str, where: str, of: str = "tensors") -> list:
     if isinstance(x, Tensor):
-        raise TypeError(f"{where}: {arg} must be a list of tensors, got a single Tensor (wrap it in a list)")
+        raise TypeError(f"{where}: {arg} must be a list of {of}, got a single Tensor (wrap it in a list)")
     if isinstance(x, (str, bytes)) or not hasattr(x, "__iter__"):
-        raise TypeError(f"{where}: {arg} must be a list of tensors, got {type(x).__name__}")
+        raise TypeError(f"{where}: {arg} must be a list of {of}, got {type(x).__name__}")
     return list(x)
 
 
@@ -201,14 +201,14 @@ def check_pool(
         raise ValueError(f"{where}: {w_arg} and {c_arg} must pair up one to one, got {len(ws)} {w_arg} and "
                          f"{len(curv)} {c_arg} tensors")
     if names is not None:
-        names = [names] if single else _as_list(names, "names", where)
+        names = [names] if single else _as_list(names, "names", where, of="str")
         if len(names) != len(curv):
             raise ValueError(f"{where}: names must have one name per tensor, got {len(names)} names for {len(curv)} "
                              "tensors")
         seen: Dict[str, int] = {}
         for i, n in enumerate(names):
             if not isinstance(n, str):
-                raise TypeError(f"{where}: names[{i}] must be a str, got {type(n).__name__}")
+                raise TypeError(f"{where}: {'name' if single else f'names[{i}]'} must be a str, got {type(n).__name__}")
             if n in seen:
                 raise ValueError(f"{where}: names[{seen[n]}] and names[{i}] are both {n!r}; each tensor needs its "
                                  "own name")
