@@ -490,6 +490,7 @@ def test_prune_llm_checks_everything_before_loading(tiny_lm, calib_file, tmp_pat
         (dict(ok, method="layerwise"), ValueError, "method must be one of"),
         (dict(ok, device="cuda:99" if torch.cuda.is_available() else "cuda"), ValueError, "device: 'cuda"),
         (dict(ok, device="nonsense"), ValueError, "device: 'nonsense' is not a device"),
+        (dict(ok, eval_text=str(calib_file), evaluate=False), ValueError, "eval_text was given with evaluate=False"),
     ]
     for kwargs, exc, match in cases:
         with pytest.raises(exc, match=match):

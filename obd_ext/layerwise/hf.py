@@ -480,7 +480,9 @@ def prune_llm(model_dir: str, out_dir: Optional[str], *, calib: str, sparsity: O
         raise ValueError(f"dtype must be one of {tuple(DTYPES.values())} or None, got {dtype!r}")
     model_dir = check_model_dir(model_dir)
     calib = check_text_file(calib, "calib")
-    eval_path = check_text_file(eval_text, "eval_text") if eval_text is not None and evaluate else None
+    if eval_text is not None and not evaluate:
+        raise ValueError("eval_text was given with evaluate=False: give one or the other")
+    eval_path = check_text_file(eval_text, "eval_text") if eval_text is not None else None
     out = check_out_dir(out_dir, model_dir, overwrite) if out_dir is not None else None
     _require_transformers()
     from transformers import AutoConfig
