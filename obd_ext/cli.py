@@ -158,7 +158,8 @@ def _add_prune_llm(sub) -> None:
     q.add_argument("--no-eval", action="store_true",
                    help="skip both perplexities (default: measure them; calibration then uses all of --calib)")
     q.add_argument("--method", default="layerwise-obd", choices=LLM_METHODS,
-                   help="how weights are scored, see the list below (default: %(default)s)")
+                   help="how weights are scored, see the list below; obd, lm and fisher need the whole model on "
+                        "the device (default: %(default)s)")
     q.add_argument("--pattern", default="unstructured", type=_pattern,
                    help="unstructured, or N:M (keep N of every M consecutive inputs) such as 2:4 or 4:8 "
                         "(default: %(default)s)")
