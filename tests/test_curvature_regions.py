@@ -332,3 +332,124 @@ def test_methods_come_from_the_vocabulary():
         hessian_diag(nn.Linear(3, 2), nn.MSELoss(), data, method="magnitude", progress=False)
     with pytest.raises(ValueError, match=r"method must be one of .* for obd_ext.hessian_diag, got 'newton'"):
         hessian_diag(nn.Linear(3, 2), nn.MSELoss(), data, method="newton", progress=False)
+
+
+class ReEntering(nn.Module):
+    """u * (v + W v) with v = u * u: a path leaves the elementwise region (through W)
+    and comes back into it, so the region is left to the per-node rules."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.w, self.out = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 2)
+
+    def forward(self, x):
+        u = self.a(x)
+        v = u * u
+        return self.out(u * (v + self.w(v)))
+
+
+def test_a_region_that_a_path_re_enters_falls_back_to_per_node_rules():
+    torch.manual_seed(9)
+    model = ReEntering()
+    x, t = torch.randn(6, 4), torch.randn(6, 2)
+    ex = hessian_diag(model, nn.MSELoss(), (x, t), method="exact", progress=False)
+    ob = hessian_diag(model, nn.MSELoss(), (x, t), method="obd", progress=False)
+    for k in ("out.weight", "out.bias", "w.weight", "w.bias"):  # the last two layers: still exact
+        assert close(ob[k], ex[k]), k
+    assert all(bool(torch.isfinite(v).all()) for v in ob.values())
+
+
+def test_regions_found_only_where_a_tensor_rejoins():
+    """Plain models have no region (the sweep is unchanged for them); RMSNorm's
+    x * rsqrt(mean(x^2)) rejoins through the mean, not elementwise: no region."""
+    import sys
+
+    regions = sys.modules["obd_ext.curvature.regions"]
+
+    def found(model, x):
+        out = model(x)
+        order, consumers, seen, stack = [], {}, {out.grad_fn}, [out.grad_fn]
+        while stack:
+            n = stack.pop()
+            order.append(n)
+            for slot, (c, _) in enumerate(n.next_functions):
+                if c is not None:
+                    consumers.setdefault(c, []).append((n, slot))
+                    if c not in seen:
+                        seen.add(c)
+                        stack.append(c)
+        return regions.find_regions(order, consumers)
+
+    x = torch.randn(3, 4)
+    assert found(nn.Sequential(nn.Linear(4, 4), nn.GELU(), nn.Linear(4, 2)), x) == []
+    assert found(nn.Sequential(nn.Linear(4, 4), nn.RMSNorm(4), nn.Linear(4, 2)), x) == []
+    (r,) = found(nn.Sequential(nn.Linear(4, 4), HandWritten("gelu_new")), x)
+    assert len(r.nodes) == 8 and len(r.inputs) == 1
+
+
+# ---------------------------------------------------------------------------
+# Errors name the user's modules; the fallbacks run where obd runs
+# ---------------------------------------------------------------------------
+
+
+class Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return torch.cumsum(self.lin(x), 1)
+
+
+class Encoder(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList([Block(), Block()])
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer(x)
+        return self.head(x)
+
+
+def test_unsupported_op_names_the_users_modules():
+    from obd_ext.curvature import UnsupportedOpError
+
+    with pytest.raises(UnsupportedOpError, match=r"no second-order rule for cumsum \(the autograd node "
+                                                 r"CumsumBackward0\), used in layers\.0 \(Block\), layers\.1 \(Block\);"
+                                                 r".*method='hutchinson'"):
+        hessian_diag(Encoder(), nn.MSELoss(), (torch.randn(3, 4), torch.randn(3, 3)), progress=False)
+    res = hessian_diag(Encoder(), nn.MSELoss(), (torch.randn(3, 4), torch.randn(3, 3)), method="hutchinson",
+                       progress=False)
+    assert set(res) == {k for k, _ in Encoder().named_parameters()}
+
+
+class Attention(nn.Module):
+    """Scaled-dot-product attention through nn.MultiheadAttention (need_weights=False)
+    or nn.TransformerEncoderLayer: fused kernels unless recorded through the math path."""
+
+    def __init__(self, kind):
+        super().__init__()
+        torch.manual_seed(10)
+        self.kind = kind
+        self.body = (nn.MultiheadAttention(8, 2, batch_first=True) if kind == "mha"
+                     else nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True))
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = self.body(x, x, x, need_weights=False)[0] if self.kind == "mha" else self.body(x)
+        return self.head(h).reshape(-1, 3)
+
+
+@pytest.mark.parametrize("kind", ["mha", "encoder-layer"])
+def test_fallbacks_run_on_scaled_dot_product_attention(kind):
+    """hutchinson and exact failed with "derivative for
+    _scaled_dot_product_flash_attention_for_cpu_backward is not implemented"."""
+    model = Attention(kind).eval()
+    x, y = torch.randn(2, 5, 8), torch.randint(0, 3, (10,))
+    ex = hessian_diag(model, nn.CrossEntropyLoss(), (x, y), method="exact", progress=False)
+    ob = hessian_diag(model, nn.CrossEntropyLoss(), (x, y), method="obd", progress=False)
+    hu = hessian_diag(model, nn.CrossEntropyLoss(), (x, y), method="hutchinson", samples=2, progress=False)
+    assert close(ob["head.weight"], ex["head.weight"]) and close(ob["head.bias"], ex["head.bias"])
+    assert set(hu) == set(ex) and all(bool(torch.isfinite(v).all()) for v in hu.values())

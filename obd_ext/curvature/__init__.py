@@ -24,6 +24,7 @@ from ..block_cache import cpu_block_cache
 from ..vocabulary import CURVATURE_METHODS, check_method
 from .estimators import exact, hutchinson, per_sample_squared
 from .graph import check_graph, checkpoint_guard
+from .naming import name_modules
 from .losses import Boundary, boundary_for
 from .rules import UnsupportedOpError
 from .sweep import sweep
@@ -211,6 +212,22 @@ class CurvatureAccumulator:
         return None
 
 
+def _named(err: UnsupportedOpError, model: nn.Module, x) -> UnsupportedOpError:
+    """The same error, naming the user's modules that made the node at fault."""
+    if err.node_type is None:
+        return err
+    try:
+        found = name_modules(model, lambda: model(x), err.node_type)
+    except Exception:  # noqa: BLE001 - naming is a courtesy: never hide the real error behind another
+        return err
+    if not found:
+        return err
+    where = ", ".join(found[:5]) + (f" and {len(found) - 5} more" if len(found) > 5 else "")
+    msg = str(err)
+    head, sep, tail = msg.partition("; ")
+    return UnsupportedOpError(f"{head}, used in {where}{sep}{tail}", err.node_type)
+
+
 def hessian_diag(model: nn.Module, loss_fn, data, method: str = "obd", reduction: str = "mean",
                  params=None, samples: int = 1, seed: Optional[int] = 0, progress: bool = True) -> Curvature:
     """Per-parameter curvature of ``loss_fn(model(x), y)`` over ``data``.
@@ -248,13 +265,17 @@ def hessian_diag(model: nn.Module, loss_fn, data, method: str = "obd", reduction
     except ImportError:  # pragma: no cover - tqdm is a dependency
         pass
     count = 0
-    # forward, boundary and sweep of every batch reuse each other's blocks
-    with cpu_block_cache(), checkpoint_guard(method):
+    # forward, boundary and sweep of every batch reuse each other's blocks; every
+    # method records attention through its math path (the fused kernels' backward
+    # is one opaque node for obd/lm and has no derivative for hutchinson/exact)
+    with cpu_block_cache(), checkpoint_guard(method), recordable():
         for x, y in batches:
             count += 1
             if method in ("obd", "lm"):
-                with recordable():
+                try:
                     acc.accumulate(model(x), y)  # no reference kept here: the sweep frees the logits early
+                except UnsupportedOpError as e:
+                    raise _named(e, model, x) from None
                 continue
             if method in ("fisher", "ggn-mc"):
                 part = per_sample_squared(model, loss_fn, x, y, selected, method == "ggn-mc", gen,

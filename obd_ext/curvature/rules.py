@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from .. import constants, ops
+from .naming import op_name
 
 __all__ = ["UnsupportedOpError", "Rule", "RULES", "SECOND_ORDER", "Ctx", "rule_for", "registry_entry"]
 
@@ -35,7 +36,16 @@ Grads = List[Optional[Tensor]]
 
 
 class UnsupportedOpError(NotImplementedError):
-    """A node of the model's graph has no second-order rule."""
+    """A node of the model's graph has no second-order rule (or a case of one).
+
+    Attributes:
+        node_type: the autograd node's type name, where one node is at fault
+            (hessian_diag then names the user's modules that made it).
+    """
+
+    def __init__(self, message: str, node_type: Optional[str] = None):
+        super().__init__(message)
+        self.node_type = node_type
 
 
 class Ctx:
@@ -151,6 +161,11 @@ UNARY: Dict[str, Callable] = {
 def neg(node, g: Grads, h: Grads, ctx: Ctx):
     """y = -x: the Jacobian entry is -1, whose square is 1 (not an index map for H)."""
     return (-g[0] if ctx.wants(0) and g[0] is not None else None,), (h[0],)
+
+
+def identity(node, g: Grads, h: Grads, ctx: Ctx):
+    """y = x + c or x - c for a number c (RMSNorm's eps): g and H pass unchanged."""
+    return (g[0] if ctx.wants(0) else None,), (h[0],)
 
 
 def rsub(node, g: Grads, h: Grads, ctx: Ctx):
@@ -367,7 +382,7 @@ def batch_norm(node, g: Grads, h: Grads, ctx: Ctx):
     if node._saved_training:
         raise UnsupportedOpError(
             "obd_ext curvature: BatchNorm in training mode couples the samples of a batch and has no "
-            "diagonal rule here; call model.eval() first, or use method='hutchinson'"
+            "diagonal rule here; call model.eval() first, or use method='hutchinson'", type(node).__name__
         )
     x, weight = node._saved_input, node._saved_weight
     rm, rv, eps = node._saved_running_mean, node._saved_running_var, float(node._saved_eps)
@@ -574,6 +589,8 @@ RULES.update({
     "SafeSoftmaxBackward0": Rule(softmax, second_order=True),  # softmax with fully masked rows giving 0 (SDPA's math path)
     "MulBackward1": Rule(mul_scalar, partials=_constant_partials(lambda n: float(n._saved_other))),
     "NegBackward0": Rule(neg, partials=_constant_partials(lambda n: -1.0)),
+    "AddBackward1": Rule(identity, partials=_constant_partials(lambda n: 1.0)),
+    "SubBackward1": Rule(identity, partials=_constant_partials(lambda n: 1.0)),
     "RsubBackward1": Rule(rsub, partials=_constant_partials(lambda n: -float(n._saved_alpha))),
     "NativeLayerNormBackward0": Rule(layer_norm, second_order=True),
     "NativeBatchNormBackward0": Rule(batch_norm),
@@ -598,8 +615,8 @@ def rule_for(node) -> Callable:
     rule = RULES.get(name)
     if rule is None:
         raise UnsupportedOpError(
-            f"obd_ext curvature: no second-order rule for the autograd node {name}; the model uses an operation "
-            "the back-propagated diagonal does not cover yet. Use method='hutchinson' (any model) or 'exact' "
-            "(small models) instead."
+            f"obd_ext curvature: no second-order rule for {op_name(name)} (the autograd node {name}); the model "
+            "uses an operation the back-propagated diagonal does not cover yet. Use method='hutchinson' "
+            "(any model) or 'exact' (small models) instead.", name
         )
     return rule
