@@ -40,20 +40,44 @@ from .constants import (ACT_KINDS, NUM_STATS, STAT_DELETED_BEFORE, STAT_DELETED_
 
 
 def saliency(weight: Tensor, hessian_diag: Tensor) -> Tensor:
-    """``h * w^2 / 2`` evaluated as ``h * (w * w) * 0.5`` (the kernels' exact order)."""
+    """``h * w^2 / 2`` evaluated as ``(h * w) * w * 0.5`` (the kernels' exact order).
+
+    That order never gives NaN for finite ``w`` and ``h`` (``w * w`` first would:
+    ``w = 1e30`` in float32 squares to inf, and ``0 * inf`` is NaN); see
+    docs/math.md and csrc/kernels/common.h.
+    """
     dt = saliency_dtype(weight, hessian_diag)
     w = weight.to(dt)
     h = hessian_diag.to(dt)
-    return h * (w * w) * 0.5
+    return (h * w) * w * 0.5
 
 
 def group_saliency(weight: Tensor, hessian_diag: Tensor, dim: int) -> Tensor:
-    """Sum of saliencies over every dimension but ``dim``, accumulated in float64."""
+    """Sum of saliencies over every dimension but ``dim``, terms and sum in float64.
+
+    Each term is ``(h * w) * w * 0.5`` in float64, which cannot overflow for
+    float32, float16 and bfloat16 inputs. Float64 inputs can overflow a term;
+    a group whose sum is then not finite is summed again from the terms'
+    mantissa/exponent pairs scaled by the group's largest exponent, so that
+    +inf and -inf terms never give NaN.
+    """
     dt = saliency_dtype(weight, hessian_diag)
-    s = saliency(weight, hessian_diag).double()
     dim = dim % weight.dim()
-    others = [d for d in range(weight.dim()) if d != dim]
-    return (s.sum(dim=others) if others else s).to(dt)
+    groups = weight.shape[dim]
+    per_group = weight.numel() // groups if groups else 0
+    w = weight.double().movedim(dim, 0).reshape(groups, per_group)
+    h = hessian_diag.double().movedim(dim, 0).reshape(groups, per_group)
+    total = ((h * w) * w * 0.5).sum(dim=1)
+    bad = ~torch.isfinite(total)
+    if bad.any():
+        mh, eh = torch.frexp(h[bad])
+        mw, ew = torch.frexp(w[bad])
+        m = (mh * mw) * mw * 0.5
+        e = (eh + 2 * ew).long()
+        top = torch.where(m != 0, e, torch.iinfo(torch.int64).min).amax(dim=1, keepdim=True)
+        scaled = torch.ldexp(m, torch.where(m != 0, e - top, 0)).sum(dim=1)
+        total[bad] = torch.ldexp(scaled, top.reshape(-1))
+    return total.to(dt)
 
 
 def _stats(device, now, before, skipped, deleted_values: Tensor) -> Tensor:

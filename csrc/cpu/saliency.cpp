@@ -1,8 +1,13 @@
-// CPU kernels: saliency (s = h w^2 / 2) and group saliency (sum of s over
-// every dimension but one).
+// CPU kernels: saliency (s = h w^2 / 2, as (h * w) * w * 0.5: see
+// csrc/kernels/common.h) and group saliency (sum of s over every dimension but
+// one).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
 
 #include "../checks.h"
 #include "dispatch.h"
@@ -47,14 +52,33 @@ at::Tensor group_saliency_cpu(const at::Tensor& weight, const at::Tensor& hess, 
     const H* hp = h.const_data_ptr<H>();
     S* op = out.mutable_data_ptr<S>();
     // One group per task, summed in double in a fixed order: deterministic for
-    // any thread count, and accurate for groups of millions of entries.
+    // any thread count, and accurate for groups of millions of entries. The
+    // terms are double too (common.h, group_term), so only float64 inputs can
+    // overflow one; such a group is summed again from split terms.
     at::parallel_for(0, g.groups, 1, [&](int64_t gb, int64_t ge) {
       for (int64_t j = gb; j < ge; ++j) {
+        auto for_each = [&](auto&& f) {
+          for (int64_t o = 0; o < g.outer; ++o) {
+            const int64_t base = (o * g.groups + j) * g.inner;
+            for (int64_t i = 0; i < g.inner; ++i) f(static_cast<double>(wp[base + i]), static_cast<double>(hp[base + i]));
+          }
+        };
         double acc = 0.0;
-        for (int64_t o = 0; o < g.outer; ++o) {
-          const int64_t base = (o * g.groups + j) * g.inner;
-          for (int64_t i = 0; i < g.inner; ++i)
-            acc += static_cast<double>(saliency_of<S>(static_cast<S>(wp[base + i]), static_cast<S>(hp[base + i])));
+        for_each([&](double w, double h) { acc += group_term(w, h); });
+        if (!std::isfinite(acc)) {
+          int top = INT32_MIN;
+          for_each([&](double w, double h) {
+            int e;
+            group_term_split(w, h, &e);
+            top = std::max(top, e);
+          });
+          double scaled = 0.0;
+          for_each([&](double w, double h) {
+            int e;
+            const double m = group_term_split(w, h, &e);
+            if (m != 0.0) scaled += std::ldexp(m, e - top);
+          });
+          acc = std::ldexp(scaled, top);
         }
         op[j] = static_cast<S>(acc);
       }

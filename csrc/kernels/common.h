@@ -3,6 +3,7 @@
 // tests/test_nvcc_compile.py compiles every csrc/kernels/*.cu with bare nvcc.
 #pragma once
 
+#include <math.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -19,17 +20,54 @@ namespace obd {
 enum class Dtype : int32_t { F32 = 0, F64 = 1, F16 = 2, BF16 = 3 };
 
 // ---------------------------------------------------------------------------
-// Saliency s = h * w^2 / 2.
+// Saliency s = h * w^2 / 2, evaluated as (h * w) * w * 0.5 in the saliency
+// precision S (docs/math.md, "Saliency in floating point").
+//
+// The order is chosen so that finite w and h never give NaN and the rounded
+// values keep the order of the exact ones: h * w is finite or +-inf; if it
+// is infinite then w != 0, so (h * w) * w is +-inf with the exact value's
+// sign, never 0 * inf; if h * w underflows to 0 then |w| < 1 and the exact
+// value underflows too. Squaring w first would not do: w = 1e30 in float32
+// gives w * w = inf and h = 0 then gives NaN, and w = 1e-30 gives w * w = 0,
+// losing every saliency with a large h. Saliencies above half of S's largest
+// finite value overflow in (h * w) * w and become +-inf (ties, deleted in
+// index order).
 //
 // The exact order of the multiplications is part of the contract: the
-// reference (obd_ext/reference.py) evaluates `h * (w * w) * 0.5` in the same
+// reference (obd_ext/reference.py) evaluates `(h * w) * w * 0.5` in the same
 // precision, so the CPU, CUDA and reference saliencies agree bit for bit and
 // selection results can be compared exactly. No additions are involved, so
 // FMA contraction cannot change the result.
 // ---------------------------------------------------------------------------
 template <typename S>
 OBD_HOST_DEVICE S saliency_of(S w, S h) {
-  return h * (w * w) * S(0.5);
+  return (h * w) * w * S(0.5);
+}
+
+// ---------------------------------------------------------------------------
+// Group saliency: the sum of the saliencies of one group. Each term is
+// (h * w) * w * 0.5 in double whatever the input dtypes (float32, float16 and
+// bfloat16 inputs then never overflow: |h w^2| <= (3.4e38)^3 < 1.8e308) and
+// the sum is accumulated in double. Only float64 inputs can overflow a term;
+// a group whose plain sum is then not finite (+inf and -inf terms give NaN)
+// is summed again from exact mantissa/exponent pairs (group_term_split)
+// scaled by the group's largest exponent, and the result is
+// ldexp(sum, exponent): +-inf when the exact sum overflows, finite when the
+// infinities cancelled. Terms more than 2^1074 below the largest are lost,
+// far below double's rounding of the sum.
+// ---------------------------------------------------------------------------
+OBD_HOST_DEVICE double group_term(double w, double h) {
+  return (h * w) * w * 0.5;
+}
+
+// h w^2 / 2 = m * 2^e with |m| < 1 (m = 0 and e = INT32_MIN for a zero term,
+// so that it never sets the group's exponent).
+OBD_HOST_DEVICE double group_term_split(double w, double h, int* e) {
+  int eh = 0, ew = 0;
+  const double mh = ::frexp(h, &eh), mw = ::frexp(w, &ew);
+  const double m = (mh * mw) * mw * 0.5;  // |mh|, |mw| in [0.5, 1): no overflow or underflow
+  *e = m == 0.0 ? INT32_MIN : eh + 2 * ew;
+  return m;
 }
 
 // ---------------------------------------------------------------------------
@@ -37,11 +75,11 @@ OBD_HOST_DEVICE S saliency_of(S w, S h) {
 // non-negative numbers and all bits flipped for negative ones, orders as an
 // unsigned integer exactly as the floats do (NaN excluded). -0.0 is mapped to
 // +0.0 first so that equal saliencies always have equal keys (the reference
-// sorts values, and -0.0 == +0.0 there). A NaN saliency, which finite w and h
-// can give (h = 0 times w^2 overflowing to inf), is mapped to the positive
-// quiet NaN first: its key is then above +inf's on every path, as torch.sort
-// orders NaN last in the reference. (x86's 0 * inf is a *negative* NaN, which
-// would otherwise sort first and be deleted first.)
+// sorts values, and -0.0 == +0.0 there). Finite w and h never give a NaN
+// saliency (see saliency_of), but a NaN score passed in score mode is mapped
+// to the positive quiet NaN first: its key is then above +inf's on every
+// path, as torch.sort orders NaN last in the reference. (x86's 0 * inf is a
+// *negative* NaN, which would otherwise sort first.)
 // ---------------------------------------------------------------------------
 OBD_HOST_DEVICE uint32_t key_of(float s) {
   uint32_t u;
