@@ -3,7 +3,9 @@
 Used by the tests and the benchmarks (and handy for users trying obd_ext):
 an MLP, LeNet-5, a small ResNet with basic blocks (BatchNorm, skip
 connections, adaptive average pooling), and a GPT-style transformer with the
-output head tied to the token embedding.
+output head tied to the token embedding; and the paper's own small
+constrained network of scaled tanh units (:func:`constrained_net`), which the
+digits demo (``obd-ext demo``) prunes.
 """
 
 from __future__ import annotations
@@ -15,10 +17,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["mlp", "LeNet5", "BasicBlock", "SmallResNet", "GPT"]
+__all__ = ["mlp", "LeNet5", "BasicBlock", "SmallResNet", "GPT", "ScaledTanh", "constrained_net"]
 
 
 def mlp(sizes=(784, 1024, 1024, 10), act=nn.ReLU) -> nn.Sequential:
+    """Fully connected layers of the given widths, ``act`` between them (none after the last)."""
     layers = []
     for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
         layers.append(nn.Linear(a, b))
@@ -122,3 +125,31 @@ class GPT(nn.Module):
         x = self.ln(x)
         logits = x @ self.tok.weight.t() if self.head is None else self.head(x)
         return logits.reshape(-1, logits.shape[-1])  # (B*T, V) rows for cross-entropy
+
+
+class ScaledTanh(nn.Module):
+    """LeCun's symmetric sigmoid f(a) = 1.7159 tanh(2a/3): f(+-1) = +-1, range +-1.7159.
+
+    With +-1 targets inside the range the MSE has a minimum at finite weights;
+    with plain tanh the targets are its asymptotes and training drives units
+    into saturation without end (see the demo's notes in the README).
+    """
+
+    A, S = 1.7159, 2.0 / 3.0
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.A * torch.tanh(self.S * x)
+
+
+def constrained_net() -> nn.Sequential:
+    """The digits demo's network (LeCun, Denker & Solla 1989, section 2.3, scaled down to 8x8 inputs).
+
+    Two shared-weight convolutional layers and two full layers, :class:`ScaledTanh` throughout,
+    3,290 parameters; input ``N x 1 x 8 x 8``, output ``N x 10``.
+    """
+    return nn.Sequential(
+        nn.Conv2d(1, 6, 3, padding=1), ScaledTanh(),
+        nn.Conv2d(6, 8, 3, stride=2, padding=1), ScaledTanh(), nn.Flatten(),
+        nn.Linear(8 * 4 * 4, 20), ScaledTanh(),
+        nn.Linear(20, 10), ScaledTanh(),
+    )
