@@ -106,23 +106,27 @@ def test_bad_arguments():
 
 @param_device
 @pytest.mark.parametrize("wdtype", [torch.float32, torch.float64], ids=str)
-def test_nan_saliency_from_finite_inputs_is_deleted_last(device, wdtype):
-    """h = 0 with w^2 overflowing gives saliency 0 * inf = NaN from finite w and h
-    (on x86 a negative NaN). Every path orders it after all finite saliencies, as
-    the reference's sort does, in global, row and N:M selection."""
+def test_overflowing_saliency_from_finite_inputs_is_ordered(device, wdtype):
+    """h = 0 with w^2 overflowing: the saliency (h * w) * w / 2 is 0, never 0 * inf = NaN, so it is deleted
+    first (as float64 orders it); h = 1 with the same w overflows to +inf and is deleted last. Same in the
+    global, row and N:M selections and the reference."""
     require_kernels(device)
     big = 1e20 if wdtype == torch.float32 else 1e160
     w = torch.linspace(1, 2, 32, dtype=wdtype).reshape(4, 8)
     h = torch.ones(4, 8, dtype=wdtype)
-    w[:, 1], h[:, 1] = big, 0.0  # NaN saliency in every row and in every group of 4
+    w[:, 1], h[:, 1] = big, 0.0  # saliency 0 in every row and in the first group of 4
+    w[:, 6] = big  # saliency +inf
     w, h = w.to(device), h.to(device)
-    assert torch.isnan(ops.saliency(w, h)[:, 1]).all()
+    s = ops.saliency(w, h)
+    assert (s[:, 1] == 0).all() and torch.isinf(s[:, 6]).all() and not torch.isnan(s).any()
     mask = torch.ones(4, 8, dtype=torch.bool, device=device)
+    m, _ = run_both(ops.row_select_, reference.row_select_, w, h, mask, 1, None, False)
+    assert (~m[:, 1]).all() and (~m).sum() == 4
     m, _ = run_both(ops.row_select_, reference.row_select_, w, h, mask, 7, None, False)
-    assert m[:, 1].all() and (~m).sum() == 28
-    m, _ = run_both(ops.nm_select_, reference.nm_select_, w, h, mask, 1, 4, None, False)
-    assert m[:, 1].all()
+    assert m[:, 6].all() and (~m).sum() == 28
+    m, _ = run_both(ops.nm_select_, reference.nm_select_, w, h, mask, 3, 4, None, False)
+    assert (~m[:, 1]).all() and m[:, 6].all()
     mg_k, mg_r = mask.clone(), mask.clone()
     ops.global_select_([w], [h], [mg_k], 28, None, False)
     reference.global_select_([w], [h], [mg_r], 28, None, False)
-    assert torch.equal(mg_k, mg_r) and mg_k[:, 1].all()
+    assert torch.equal(mg_k, mg_r) and (~mg_k[:, 1]).all() and mg_k[:, 6].all()
