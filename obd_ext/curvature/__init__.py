@@ -9,7 +9,32 @@
 
 ``CurvatureAccumulator`` is the same sweep driven from the user's own training
 loop. The sweep walks the autograd graph (sweep.py, rules.py), so models need
-not be ``nn.Sequential``; a node without a rule is a clear error.
+not be ``nn.Sequential``; a node without a rule is a clear error naming the
+user's modules that made it.
+
+Where ``obd`` / ``lm`` are exact (the Hessian's / Gauss-Newton diagonal, to
+rounding; each case is tested against autograd in float64):
+
+- the last layer's weights and biases under MSE, BCE-with-logits and softmax
+  cross-entropy, and under MSE also the layer before the last;
+- every elementwise region (regions.py): a tensor entering an elementwise
+  expression more than once (``u * u``, ``x * sigmoid(x)``, Mish, GPT-2's
+  ``gelu_new`` written out) is swept as one function with its true f' and f'',
+  so per-feature scales and biases under an elementwise loss are exact;
+- linear maps with one weight per entry: average pools of every kind (each
+  window's own divisor: padding, ``ceil_mode``, ``count_include_pad``,
+  ``divisor_override``, uneven adaptive windows), views, sums, means.
+
+Where the diagonal approximation drops cross terms (as the paper does): between
+units of one layer below the last (through a weight matrix, a convolution,
+attention, softmax, a norm's mean or variance), along paths that leave the
+elementwise ops and rejoin (residual blocks, RMSNorm's ``x * rsqrt(mean(x^2))``,
+gates ``x * sigmoid(W x)``), and between entries of one shared or broadcast
+parameter. ``fisher`` is the empirical Fisher exactly (equal to a per-sample
+loop); ``exact`` is autograd's diagonal.
+
+A block under ``torch.utils.checkpoint(..., use_reentrant=True)`` is a clear
+error for every method (use ``use_reentrant=False``, which all support).
 """
 
 from __future__ import annotations
@@ -234,8 +259,11 @@ def hessian_diag(model: nn.Module, loss_fn, data, method: str = "obd", reduction
 
     Args:
         model: any nn.Module; frozen parameters (requires_grad=False) are skipped.
-        loss_fn: nn.MSELoss / nn.CrossEntropyLoss / nn.BCEWithLogitsLoss or the
-            functional forms (any loss for ``hutchinson`` and ``exact``).
+        loss_fn: for ``obd``/``lm``: nn.MSELoss / nn.CrossEntropyLoss (class
+            indices) / nn.BCEWithLogitsLoss or the functional forms; for
+            ``fisher``: also class-probability targets, class weights, label
+            smoothing, ignore_index, nn.NLLLoss, BCE weights (losses.PER_SAMPLE_LOSSES);
+            any loss for ``hutchinson`` and ``exact``.
         data: an iterable of (inputs, targets) batches, or one such pair.
         method: one of METHODS.
         reduction: "mean" averages the per-batch curvatures (the curvature of
