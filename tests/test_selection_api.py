@@ -236,3 +236,16 @@ def test_sparsity_checked_once_per_call(monkeypatch):
         calls.clear()
         obd_ext.prune_([w.clone() for w in ws], hs, sparsity=0.5, scope=scope)
         assert len(calls) == 1, (scope, calls)
+
+
+def test_disjoint_views_of_one_tensor_are_fine():
+    # Column halves of one weight interleave in memory but share no element: a valid pool.
+    g = torch.Generator().manual_seed(3)
+    base, h = torch.randn(6, 8, generator=g), torch.rand(6, 8, generator=g)
+    ref = obd_ext.prune_global_([base.clone()], [h], k=20)
+    halves = [base[:, :4], base[:, 4:]]
+    sel = obd_ext.prune_global_(halves, [h[:, :4], h[:, 4:]], k=20)
+    assert torch.equal(torch.cat(sel.masks, 1), ref.masks[0])
+    assert (base[~torch.cat(sel.masks, 1)] == 0).all()
+    with pytest.raises(ValueError, match=r"weights\[0\] and weights\[1\] share memory \(overlapping views\)"):
+        obd_ext.prune_global_([base[:, :5], base[:, 4:]], [h[:, :5], h[:, 4:]], k=2)
