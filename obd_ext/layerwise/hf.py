@@ -446,7 +446,8 @@ def prune_llm(model_dir: str, out_dir: Optional[str], *, calib: str, sparsity: O
         nsamples: calibration windows (>= 1).
         seq_len: tokens per window (default: min(2048, the model's context)).
         scope: "row", "layer" or "global"; None means "row" for the layer-wise
-            methods and "global" for the whole-network ones
+            methods (layerwise-obd, magnitude; pass "layer" for the classic
+            per-layer magnitude baseline) and "global" for the whole-network ones
             (``obd_ext.vocabulary.default_scope``); must be None for N:M.
         method: one of ``obd_ext.vocabulary.LLM_METHODS``: "layerwise-obd"
             (block by block), "magnitude", or "obd"/"lm"/"fisher"
@@ -461,7 +462,17 @@ def prune_llm(model_dir: str, out_dir: Optional[str], *, calib: str, sparsity: O
         log: called with one line per stage (e.g. ``print``); None: silent.
 
     Returns:
-        The report written to ``out_dir/prune_report.json``.
+        The report written to ``out_dir/prune_report.json``: ``model_dir``,
+        ``out_dir``; what was used: ``method``, ``pattern``, ``scope`` (None
+        for N:M), ``sparsity_target``, ``calib`` (path), ``calib_portion``
+        ("all" or "first 90%"), ``eval`` (path, "last 10% of calib", or None
+        without evaluation), ``seed``, ``nsamples``, ``seq_len``, ``device``,
+        ``dtype``; results: ``eval_tokens``, ``perplexity_before``,
+        ``perplexity_after`` (None when not evaluated, or when evaluation
+        failed after saving), ``seconds``; ``versions`` (obd_ext, torch,
+        transformers, python); ``detail``: the pruning's own report with one
+        entry per layer under the model's qualified layer names
+        (``model.layers.0.self_attn.q_proj``).
     """
     t0 = time.time()
     say = log or (lambda _msg: None)
