@@ -127,6 +127,8 @@ class Pool:
         masks: one bool keep-mask per entry: the caller's, or fresh all-True ones.
         names: the user's names, or None.
         single: a one-tensor function (labels without an index).
+        weights_arg: the weights' argument name in messages ("weights" or "weight").
+        curvature_arg: the curvature's argument name in messages ("curvature" or "scores").
     """
 
     where: str
