@@ -337,7 +337,7 @@ def blockwise_perplexity(model: nn.Module, blocks: Tensor, *, device: Optional[t
         totals[1] += n
 
     def run(m: nn.Module, ids: Tensor):
-        return m(input_ids=ids.to(dev) if dev is not None else ids, use_cache=False)
+        return m(input_ids=ids.to(dev if dev is not None else _device_of(m)), use_cache=False)
 
     forward_blockwise(model, blocks.split(batch_size), consume, run=run, device=dev, progress=progress,
                       desc="perplexity")
