@@ -112,7 +112,7 @@ def main(argv=None) -> int:
                 continue  # the plain Wanda here is the unstructured per-row rule
             model = copy.deepcopy(dense)
             start = time.time()
-            # an N:M pattern fixes the sparsity and is its own pool: no sparsity or scope with it
+            # an N:M pattern fixes the sparsity and selects within rows: no sparsity or other scope with it
             unstructured = pattern == "unstructured"
             sparsity = 0.5 if unstructured else None
             if method == "magnitude":

@@ -169,7 +169,7 @@ def _add_prune_llm(sub) -> None:
     q.add_argument("--scope", choices=LAYERWISE_SCOPES,
                    help="the pool the lowest saliencies are taken from, for unstructured sparsity: row (each "
                         "output row), layer, or global (default: row for layerwise-obd and magnitude, global for "
-                        "obd, lm and fisher; not allowed with N:M)")
+                        "obd, lm and fisher; an N:M pattern selects within rows: row or nothing)")
     q.add_argument("--nsamples", type=_positive_int, default=128, metavar="N",
                    help="calibration windows (default: %(default)s)")
     q.add_argument("--seq-len", type=_positive_int, metavar="T",
@@ -267,7 +267,7 @@ def _prune_llm(args: argparse.Namespace) -> None:
                          dtype=hf.DTYPES[args.dtype] if args.dtype else None, seed=args.seed,
                          evaluate=not args.no_eval, overwrite=args.overwrite, progress=not args.no_progress,
                          log=None if args.no_progress else _stage)
-    scope = f", scope {r['scope']}" if r["scope"] else ""
+    scope = f", scope {r['scope']}" if r["pattern"] == "unstructured" else ""
     line = (f"{r['method']} {r['pattern']}{scope}: sparsity {r['detail']['sparsity']:.4f} of the block layers")
     if r["perplexity_after"] is not None:
         line += (f"; perplexity {r['perplexity_before']:.3f} -> {r['perplexity_after']:.3f} on "

@@ -112,7 +112,7 @@ def test_help_is_plain_with_defaults_and_the_methods(capsys):
     (["--scope", "block"], "argument --scope: invalid choice: 'block'"),
     (["--pattern", "2:4", "--sparsity", "0.7"], "pattern='2:4' deletes 2 of every 4 (sparsity 0.5); sparsity=0.7 "
                                                 "conflicts with it"),
-    (["--pattern", "2:4", "--scope", "row"], "scope='row' does not apply to pattern='2:4'"),
+    (["--pattern", "2:4", "--scope", "global"], "pattern='2:4' selects within rows; scope must be None or 'row'"),
     (["--seq-len", "65"], "seq_len=65 exceeds the model's context of 64 tokens"),
     (["--seq-len", "1"], "--seq-len must be >= 2 to measure perplexity"),
     (["--no-eval", "--eval", "{eval}"], "--eval and --no-eval contradict each other"),
@@ -136,7 +136,8 @@ def test_bad_arguments_are_one_line_and_exit_2_before_loading(capsys, config_onl
 
 def test_missing_model_dir_and_config(capsys, tmp_path, texts, no_loading):
     calib, _ = texts
-    code, _, err = _run(capsys, "prune-llm", str(tmp_path / "nope"), "--calib", str(calib), "--out", str(tmp_path / "o"))
+    code, _, err = _run(capsys, "prune-llm", str(tmp_path / "nope"), "--calib", str(calib), "--out",
+                        str(tmp_path / "o"))
     assert code == 2 and "MODEL_DIR: no such directory" in _one_error_line(err)
     code, _, err = _run(capsys, "prune-llm", str(tmp_path), "--calib", str(calib), "--out", str(tmp_path / "o"))
     assert code == 2 and "MODEL_DIR: " in _one_error_line(err) and "holds no config.json" in err

@@ -173,15 +173,16 @@ def test_vocabulary_defaults_and_conflicts():
     assert repr(r).startswith("LayerwiseResult(method='layerwise-obd', pattern='unstructured', scope='row', "
                               "sparsity_target=0.5, sparsity=0.5, layers=12, calibration_rows=32, seconds=")
     r = prune_layerwise(_gpt(), batches, pattern="1:4", progress=False)  # sparsity implied by the pattern
-    assert (r.scope, r.sparsity_target) == (None, 0.75) and r.sparsity == pytest.approx(0.75)
+    assert (r.scope, r.sparsity_target) == ("row", 0.75) and r.sparsity == pytest.approx(0.75)
     assert prune_layerwise(_gpt(), batches, pattern="2:4", sparsity=0.5, progress=False).sparsity == 0.5
     model = _gpt()
     before = copy.deepcopy(model.state_dict())
     with pytest.raises(ValueError,
                        match=r"pattern='2:4' deletes 2 of every 4 \(sparsity 0.5\); sparsity=0.7 conflicts"):
         prune_layerwise(model, batches, pattern="2:4", sparsity=0.7)
-    with pytest.raises(ValueError, match=r"scope='row' does not apply to pattern='2:4'"):
-        prune_layerwise(model, batches, pattern="2:4", scope="row")
+    with pytest.raises(ValueError,
+                       match=r"pattern='2:4' selects within rows; scope must be None or 'row', got 'layer'"):
+        prune_layerwise(model, batches, pattern="2:4", scope="layer")
     with pytest.raises(ValueError, match=r"method='obd' is not accepted by prune_layerwise .*obd_ext.hessian_diag"):
         prune_layerwise(model, batches, method="obd")
     with pytest.raises(ValueError, match=r"method must be one of \('layerwise-obd', 'magnitude'\).*got 'layerwise'"):
@@ -402,8 +403,8 @@ def test_prune_llm_report(tiny_lm, calib_file, eval_file, tmp_path):
     assert on_disk["calib_portion"] == "all" and on_disk["eval_tokens"] > 0
     assert (on_disk["seed"], on_disk["nsamples"], on_disk["seq_len"]) == (3, 4, 16)
     assert (on_disk["method"], on_disk["pattern"], on_disk["scope"], on_disk["sparsity_target"]) == \
-        ("magnitude", "2:4", None, 0.5)
-    assert on_disk["detail"]["scope"] is None and on_disk["detail"]["pattern"] == "2:4"
+        ("magnitude", "2:4", "row", 0.5)
+    assert on_disk["detail"]["scope"] == "row" and on_disk["detail"]["pattern"] == "2:4"
     assert on_disk["versions"] == {"obd_ext": obd_ext.__version__, "torch": torch.__version__,
                                    "transformers": transformers.__version__, "python": on_disk["versions"]["python"]}
     model, _ = hf.load_causal_lm(str(model_dir))

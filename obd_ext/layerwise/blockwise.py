@@ -56,19 +56,19 @@ def resolve_sparsity(pattern: str, sparsity: Optional[float]) -> float:
     return check_sparsity(DEFAULT_SPARSITY if implied is None else implied)
 
 
-def resolve_scope(pattern: str, scope: Optional[str], layerwise: bool = True) -> Optional[str]:
-    """The selection pool actually used: None for an N:M pattern, else ``scope`` or the default.
+def resolve_scope(pattern: str, scope: Optional[str], layerwise: bool = True) -> str:
+    """The selection pool actually used: ``scope``, or the default for None.
 
-    An N:M pattern is its own pool (each group of M consecutive inputs of a
-    row), so a scope given with it would be silently ignored: that is an error.
     ``scope=None`` means :func:`obd_ext.vocabulary.default_scope` (``"row"``
-    for layer-wise saliencies, ``"global"`` for whole-network ones).
+    for layer-wise saliencies, ``"global"`` for whole-network ones). An N:M
+    pattern selects within rows (each group of M consecutive inputs of a row
+    is a pool), as in ``obd_ext.prune_``: its scope is ``"row"``, and any
+    other scope given with it is an error rather than silently ignored.
     """
     if parse_pattern(pattern) is not None:
-        if scope is not None:
-            raise ValueError(f"scope={scope!r} does not apply to pattern={pattern!r} (each group of M consecutive "
-                             "inputs is its own pool): leave scope out")
-        return None
+        if scope not in (None, "row"):
+            raise ValueError(f"pattern={pattern!r} selects within rows; scope must be None or 'row', got {scope!r}")
+        return "row"
     return check_scope(scope, LAYERWISE_SCOPES, layerwise=layerwise)
 
 
@@ -313,13 +313,13 @@ class LayerReport:
 class LayerwiseResult:
     """What :func:`prune_layerwise` did, per layer, with totals.
 
-    ``scope`` is the pool actually used (None for an N:M pattern, where each
-    group of M inputs is its own pool) and ``sparsity_target`` the sparsity
-    actually asked of each pool.
+    ``scope`` is the pool actually used ("row" for an N:M pattern, which
+    selects within rows) and ``sparsity_target`` the sparsity actually asked
+    of each pool.
     """
 
     pattern: str
-    scope: Optional[str]
+    scope: str
     method: str
     sparsity_target: float
     layers: List[LayerReport] = field(default_factory=list)
@@ -358,8 +358,8 @@ def prune_by_saliency_(layers: Dict[str, nn.Module], curvatures: Optional[Dict[s
         pattern: "N:M" keeps N of every M consecutive inputs of each row; or
             "unstructured".
         scope: "row" (each output row its own pool: Wanda's rule; the default),
-            "layer", or "global" (one pool over all the given layers); must be
-            None for an N:M pattern.
+            "layer", or "global" (one pool over all the given layers); None or
+            "row" for an N:M pattern (which selects within rows).
     """
     sparsity = resolve_sparsity(pattern, sparsity)
     scope = resolve_scope(pattern, scope)
@@ -433,8 +433,8 @@ def prune_layerwise(model: nn.Module, calibration: Iterable[Any], *, sparsity: O
             default for None; Wanda's), "layer", or "global" (one pool over
             each block's layers: a later block's statistics depend on the
             pruning of earlier ones, so a pool over the whole model is what the
-            whole-network curvature of obd_ext.layerwise.hf gives). Must be
-            None for an N:M pattern.
+            whole-network curvature of obd_ext.layerwise.hf gives). None or
+            "row" for an N:M pattern (which selects within rows).
         method: "layerwise-obd" (each layer's reconstruction Hessian diagonal:
             Wanda's masks for scope "row") or "magnitude" (``|w|``, for
             comparison); see ``obd_ext.vocabulary.METHODS``.

@@ -372,7 +372,7 @@ def prune_global_curvature(model: nn.Module, calibration: Tensor, *, sparsity: O
         pattern: "unstructured" or "N:M".
         scope: "global" (the default for None: one pool over the block
             layers, the paper's rule, since whole-network saliencies are
-            comparable across layers), "layer" or "row"; None for N:M.
+            comparable across layers), "layer" or "row"; None or "row" for N:M.
         method: a curvature method of ``obd_ext.hessian_diag`` ("obd", "lm", "fisher", ...).
         batch_size: windows per curvature batch.
         progress: a progress bar.
@@ -448,7 +448,8 @@ def prune_llm(model_dir: str, out_dir: Optional[str], *, calib: str, sparsity: O
         scope: "row", "layer" or "global"; None means "row" for the layer-wise
             methods (layerwise-obd, magnitude; pass "layer" for the classic
             per-layer magnitude baseline) and "global" for the whole-network ones
-            (``obd_ext.vocabulary.default_scope``); must be None for N:M.
+            (``obd_ext.vocabulary.default_scope``); None or "row" for N:M
+            (which selects within rows).
         method: one of ``obd_ext.vocabulary.LLM_METHODS``: "layerwise-obd"
             (block by block), "magnitude", or "obd"/"lm"/"fisher"
             (whole-network curvature; the model must fit on the device).
@@ -463,7 +464,7 @@ def prune_llm(model_dir: str, out_dir: Optional[str], *, calib: str, sparsity: O
 
     Returns:
         The report written to ``out_dir/prune_report.json``: ``model_dir``,
-        ``out_dir``; what was used: ``method``, ``pattern``, ``scope`` (None
+        ``out_dir``; what was used: ``method``, ``pattern``, ``scope`` ("row"
         for N:M), ``sparsity_target``, ``calib`` (path), ``calib_portion``
         ("all" or "first 90%"), ``eval`` (path, "last 10% of calib", or None
         without evaluation), ``seed``, ``nsamples``, ``seq_len``, ``device``,
