@@ -481,7 +481,8 @@ def _local_row(pool, k, sparsity, keep: bool) -> List[float]:
     row[_WIDE] = float(any(t.dtype == torch.float64 for t in (*weights, *curvature)))
     if not curvature:
         return row
-    # Counted here, not by the kernel with k=0: that call would bump the version counters of tensors it does not change.
+    # Counted here, not by the kernel with k=0: that call would bump the version
+    # counters of tensors it does not change.
     row[_BEFORE] = float(sum(int((~m).sum()) for m in masks))
     row[_NONFINITE] = float(sum(check_finite(pool, keep=True)))
     if row[_NONFINITE] and not keep:
@@ -498,7 +499,7 @@ def _check_agreement(rows: Tensor) -> None:
             raise ValueError(f"{_OP}: {name} must be the same on every rank, got (per rank) {shown}")
 
 
-def _nonfinite_error(rows: Tensor) -> RuntimeError:
+def _nonfinite_error(rows: Tensor) -> ValueError:
     r = int(rows[:, _NONFINITE].gt(0).nonzero()[0, 0])
     i, j = int(rows[r, _BAD_TENSOR]), int(rows[r, _BAD_INDEX])
     pool = int(rows[:r, _NUMEL].sum()) + int(rows[r, _BAD_POOL])

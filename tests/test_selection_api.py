@@ -147,7 +147,8 @@ def test_other_bad_arguments():
         obd_ext.prune_global_(ws, hs, k=1, nonfinite="drop")
     with pytest.raises(ValueError, match="scope must be one of"):
         obd_ext.prune_(ws, hs, sparsity=0.5, scope="block")
-    with pytest.raises(ValueError, match=r"pattern='2:4' deletes 2 of every 4 \(sparsity 0.5\); sparsity=0.3 conflicts"):
+    with pytest.raises(ValueError, match=r"pattern='2:4' deletes 2 of every 4 \(sparsity 0.5\); "
+                                         r"sparsity=0.3 conflicts"):
         obd_ext.prune_(ws[:1], hs[:1], sparsity=0.3, pattern="2:4")
     with pytest.raises(ValueError, match="scope must be None or 'row', got 'global'"):
         obd_ext.prune_(ws[:1], hs[:1], scope="global", pattern="2:4")
