@@ -28,6 +28,8 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from .vocabulary import parse_pattern
+
 __all__ = ["FORMATS", "Finalized", "check_nm_pattern", "to_csr", "to_semi_structured", "finalize_modules"]
 
 FORMATS = ("dense", "csr", "semi_structured")
@@ -44,8 +46,12 @@ class Finalized:
     bytes_after: int = 0
 
 
-def check_nm_pattern(weight: Tensor, n: int = 2, m: int = 4, name: str = "weight") -> None:
-    """Raise unless every ``m`` consecutive inputs of each row hold at most ``n`` nonzeros."""
+def check_nm_pattern(weight: Tensor, pattern: str = "2:4", name: str = "weight") -> None:
+    """Raise unless every M consecutive inputs of each row hold at most N nonzeros (``pattern="N:M"``)."""
+    nm = parse_pattern(pattern)
+    if nm is None:
+        raise ValueError(f"pattern must be 'N:M' such as '2:4', got {pattern!r}")
+    n, m = nm
     if weight.dim() != 2 or weight.shape[1] % m:
         raise ValueError(f"{name}: {n}:{m} sparsity needs a 2-D weight whose input size is a multiple of {m}, "
                          f"got shape {tuple(weight.shape)}")
@@ -84,7 +90,7 @@ def to_csr(weight: Tensor, name: str = "weight") -> Tensor:
 
 def to_semi_structured(weight: Tensor, name: str = "weight") -> Tensor:
     """2:4 semi-structured copy of a 2-D CUDA weight (checked to be 2:4 first)."""
-    check_nm_pattern(weight, 2, 4, name)
+    check_nm_pattern(weight, "2:4", name)
     if weight.device.type != "cuda":
         raise ValueError(f"{name}: 2:4 semi-structured tensors run on CUDA only (torch.sparse."
                          f"to_sparse_semi_structured), got device {weight.device}; use format='dense' or 'csr'")

@@ -198,7 +198,7 @@ def test_nm_pattern_with_conflicting_sparsity_is_an_error():
     with pytest.raises(ValueError, match="conflicts"):
         pruner.prune(0.7, method="magnitude", pattern="2:4")
     pruner.prune(method="magnitude", pattern="2:4")
-    obd_ext.check_nm_pattern(model[0].weight, 2, 4)
+    obd_ext.check_nm_pattern(model[0].weight, "2:4")
 
 
 def test_masks_travel_with_the_state_dict_to_a_fresh_process(tmp_path):

@@ -219,7 +219,7 @@ def test_finalize_errors_name_the_layer():
     nm = _conv_mlp()
     p = Pruner(nm, params=["0.weight"])
     p.prune(0.5, method="magnitude", pattern="2:4")
-    obd_ext.check_nm_pattern(nm[0].weight, 2, 4)
+    obd_ext.check_nm_pattern(nm[0].weight, "2:4")
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="0.weight: 2:4 semi-structured tensors run on CUDA only"):
             p.finalize("semi_structured")
