@@ -185,7 +185,7 @@ def find_regions(order: Sequence[object], consumers: Dict[object, List[Tuple[obj
 
 
 def _scale(a, b):
-    """a * b where either may be a number (1.0 and None treated cheaply)."""
+    """a * b where either may be a number (1.0 treated cheaply)."""
     if isinstance(a, float) and a == 1.0:
         return b
     if isinstance(b, float) and b == 1.0:
@@ -193,12 +193,37 @@ def _scale(a, b):
     return a * b
 
 
+def _prod(a, b) -> Tuple[object, bool]:
+    """(a * b, whether the result is a tensor made here, which may be updated in place)."""
+    out = _scale(a, b)
+    return out, isinstance(out, Tensor) and out is not a and out is not b
+
+
+def _into(acc: Tensor, t) -> bool:
+    """Whether ``t`` can be added into ``acc`` in place (no broadcasting of acc)."""
+    return not isinstance(t, Tensor) or (t.dim() <= acc.dim() and torch.broadcast_shapes(acc.shape, t.shape)
+                                          == acc.shape and t.dtype == acc.dtype)
+
+
+def _sum(acc, acc_own: bool, t, t_own: bool) -> Tuple[object, bool]:
+    """acc + t, in place into whichever is a tensor made here (never into a saved or
+    partial tensor, which the graph and later inputs still read)."""
+    if acc is None:
+        return t, t_own
+    if acc_own and _into(acc, t):
+        return acc.add_(t), True
+    if t_own and isinstance(acc, Tensor) and _into(t, acc):
+        return t.add_(acc), True
+    out = acc + t
+    return out, isinstance(out, Tensor)
+
+
+def _acc(total: Optional[Tensor], term: Tensor) -> Tensor:
+    return term if total is None else total + term
+
+
 def _fit(t: Tensor, shape: Tuple[int, ...]) -> Tensor:
     return t if tuple(t.shape) == shape else t.sum_to_size(shape)
-
-
-def _acc(total, term):
-    return term if total is None else total + term
 
 
 def apply_region(region: Region, buffers: Dict[Edge, Tuple[Optional[Tensor], Optional[Tensor]]], ctx: Ctx,
@@ -255,18 +280,21 @@ def apply_region(region: Region, buffers: Dict[Edge, Tuple[Optional[Tensor], Opt
                 live_cache[n] = cached
             f1, f2 = cached[1]
             z1 = z2 = None
+            o1 = o2 = False
             for i, x in enumerate(ins):
                 if x is None:
                     continue
-                z1 = _acc(z1, _scale(f1[i], x[0]))
+                z1, o1 = _sum(z1, o1, *_prod(f1[i], x[0]))
                 if second and x[1] is not None:
-                    z2 = _acc(z2, _scale(f1[i], x[1]))
+                    z2, o2 = _sum(z2, o2, *_prod(f1[i], x[1]))
             if second:
                 for (i, j), f in f2.items():
                     if ins[i] is None or ins[j] is None:
                         continue
-                    term = _scale(f, _scale(ins[i][0], ins[j][0]))
-                    z2 = _acc(z2, term if i == j else _scale(2.0, term))
+                    # d2z = ... + f_ii a_i'^2 + 2 f_ij a_i' a_j' (the product rule's cross term)
+                    term, own = _prod(ins[i][0], ins[j][0])
+                    term, own2 = _prod(f if i == j else 2.0 * f, term)
+                    z2, o2 = _sum(z2, o2, term, own or own2)
             d1[n], d2[n] = z1, z2
         h_in = g_in = None
         want_g = second and g_wanted.get(src, False)
@@ -277,10 +305,14 @@ def apply_region(region: Region, buffers: Dict[Edge, Tuple[Optional[Tensor], Opt
                 continue
             # Each output's terms summed to the input's shape on their own: outputs of
             # different broadcast shapes must not broadcast into each other first.
-            sq = _scale(z1, z1)
-            term = h * sq
+            term, own = _prod(z1, z1)
+            term, own = (term.mul_(h), True) if own and _into(term, h) else (h * term, True)
             if second and g is not None and d2.get(n) is not None:
-                term = term + _scale(d2[n], g)
+                d2n = d2[n]
+                if isinstance(d2n, Tensor) and _into(term, d2n) and _into(term, g):
+                    term.addcmul_(d2n, g)
+                else:
+                    term = term + d2n * g
             h_in = _acc(h_in, _fit(term, shape))
             if want_g and g is not None:
                 g_in = _acc(g_in, _fit(_scale(z1, g), shape))
