@@ -2,7 +2,11 @@
 
 For each model (MLP 784-1024-1024-10 at batch 1024, LeNet-5 at 28x28 batch
 256, a ResNet-18-like net at 32x32 batch 128, a GPT-style model d=512, 4
-layers, seq 256 at vocabularies 8k and 32k) it times, per batch, a call over
+layers, seq 256 at vocabularies 8k and 32k, and two Hugging Face models built
+from configs: GPT-2 d=512, 4 layers, with its default activation gelu_new
+(written out as elementwise ops, which the sweep treats as one region), and a
+Llama with 2 blocks d=512 (RMSNorm, rotary embeddings, SwiGLU), both at
+vocabulary 8k, seq 256) it times, per batch, a call over
 ``--batches`` batches (3 by default: curvature is computed over a data set,
 and obd_ext's sweep reuses memory from one batch to the next, see
 obd_ext/block_cache.py; ``--batches 1`` times a single batch) of:
@@ -56,6 +60,34 @@ def lenet_sequential() -> nn.Sequential:
     return nn.Sequential(*m.features, *m.classifier)
 
 
+class CausalLMLogits(nn.Module):
+    """A Hugging Face causal LM as a function of token ids to logits [tokens, vocab]."""
+
+    def __init__(self, lm: nn.Module):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.lm(input_ids=ids, use_cache=False).logits.flatten(0, 1)
+
+
+def hf_gpt2(vocab: int, d: int, layers: int, heads: int, seq: int) -> nn.Module:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    cfg = GPT2Config(vocab_size=vocab, n_embd=d, n_layer=layers, n_head=heads, n_positions=seq,
+                     activation_function="gelu_new", resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    return CausalLMLogits(GPT2LMHeadModel(cfg).eval())
+
+
+def hf_llama(vocab: int, d: int, layers: int, heads: int, seq: int) -> nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=d, intermediate_size=int(d * 8 / 3) // 32 * 32,
+                      num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
+                      max_position_embeddings=seq)
+    return CausalLMLogits(LlamaForCausalLM(cfg).eval())
+
+
 def cases(quick: bool) -> Dict[str, Tuple[Callable[[], nn.Module], Callable[[], Tuple[torch.Tensor, torch.Tensor]], bool]]:
     """name -> (model factory, batch factory, BackPACK-compatible)."""
     g = torch.Generator().manual_seed(0)
@@ -69,6 +101,12 @@ def cases(quick: bool) -> Dict[str, Tuple[Callable[[], nn.Module], Callable[[], 
                        lambda: (torch.randn(4, 3, 16, 16, generator=g), torch.randint(0, 10, (4,), generator=g)),
                        False),
             "gpt-v512": (lambda: GPT(vocab=512, d=32, layers=2, heads=4, seq=16),
+                         lambda: (torch.randint(0, 512, (2, 16), generator=g),
+                                  torch.randint(0, 512, (32,), generator=g)), False),
+            "hf-gpt2-gelu_new": (lambda: hf_gpt2(512, 32, 2, 4, 16),
+                                 lambda: (torch.randint(0, 512, (2, 16), generator=g),
+                                          torch.randint(0, 512, (32,), generator=g)), False),
+            "hf-llama": (lambda: hf_llama(512, 32, 2, 4, 16),
                          lambda: (torch.randint(0, 512, (2, 16), generator=g),
                                   torch.randint(0, 512, (32,), generator=g)), False),
         }
@@ -85,6 +123,12 @@ def cases(quick: bool) -> Dict[str, Tuple[Callable[[], nn.Module], Callable[[], 
         "gpt-v32k": (lambda: GPT(vocab=32768, d=512, layers=4, heads=8, seq=256),
                      lambda: (torch.randint(0, 32768, (4, 256), generator=g),
                               torch.randint(0, 32768, (1024,), generator=g)), False),
+        "hf-gpt2-gelu_new": (lambda: hf_gpt2(8192, 512, 4, 8, 256),
+                             lambda: (torch.randint(0, 8192, (4, 256), generator=g),
+                                      torch.randint(0, 8192, (1024,), generator=g)), False),
+        "hf-llama": (lambda: hf_llama(8192, 512, 2, 8, 256),
+                     lambda: (torch.randint(0, 8192, (4, 256), generator=g),
+                              torch.randint(0, 8192, (1024,), generator=g)), False),
     }
 
 
