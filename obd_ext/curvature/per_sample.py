@@ -56,6 +56,7 @@ from torch.autograd.graph import GradientEdge
 from .. import ops
 from .graph import check_graph
 from .losses import per_sample_scale, sampled_targets
+from .rules import registry_entry
 
 __all__ = ["CHUNK_BYTES", "layerwise_squared"]
 
@@ -141,59 +142,12 @@ def _same(a: Tensor, b: Tensor) -> bool:
     return float((a.detach() - b.detach()).abs().max()) <= tol
 
 
-def _saved(node, attr: str) -> Optional[Tensor]:
-    """A saved tensor, or None where autograd did not save it (no gradient needed it)."""
-    try:
-        v = getattr(node, attr)
-    except (AttributeError, RuntimeError):
-        return None
-    return v if isinstance(v, Tensor) else None
-
-
 def _kind(node, slot: int) -> Optional[Tuple[str, Dict[str, object]]]:
-    """What a use computes, and the saved tensors it needs (a bias's "x" is only
-    compared with the probe, to check the rows); None: not handled here."""
-    name = type(node).__name__
-    if name == "AddmmBackward0" and slot == 2:
-        return "mat2", {"x": node._saved_mat1, "alpha": float(node._saved_alpha)}
-    if name == "MmBackward0" and slot == 1:
-        return "mat2", {"x": node._saved_self, "alpha": 1.0}
-    if name == "AddmmBackward0" and slot == 0:
-        return "addmm_bias", {"beta": float(node._saved_beta), "x": _saved(node, "_saved_mat1")}
-    if name == "ConvolutionBackward0" and slot in (1, 2) and not node._saved_transposed:
-        conf = {"stride": list(node._saved_stride), "padding": list(node._saved_padding),
-                "dilation": list(node._saved_dilation), "groups": int(node._saved_groups)}
-        if slot == 1:
-            return "conv_w", {"x": node._saved_input, **conf}
-        return "conv_b", {"x": _saved(node, "_saved_input")}
-    if name == "EmbeddingBackward0" and slot == 0:
-        if node._saved_scale_grad_by_freq or node._saved_sparse:
-            return None
-        return "embedding", {"x": node._saved_indices, "padding_idx": int(node._saved_padding_idx),
-                             "rows": int(node._saved_weight_sym_argsize_0)}
-    if name == "NativeLayerNormBackward0" and slot in (1, 2):
-        if slot == 2:
-            return "norm_b", {"x": node._saved_input}
-        return "ln_w", {"x": node._saved_input, "mean": node._saved_result1, "rstd": node._saved_result2,
-                        "n": math.prod(int(s) for s in node._saved_normalized_shape)}
-    if name == "NativeBatchNormBackward0" and slot in (1, 2):
-        if slot == 2:
-            return "bn_b", {"x": node._saved_input}
-        return "bn_w", {"x": node._saved_input, "mean": node._saved_running_mean, "var": node._saved_running_var,
-                        "eps": float(node._saved_eps)}
-    if name == "NativeGroupNormBackward0" and slot in (1, 2):
-        if slot == 2:
-            return "bn_b", {"x": node._saved_input}
-        return "gn_w", {"x": node._saved_input, "mean": node._saved_result1, "rstd": node._saved_result2,
-                        "groups": int(node._saved_group)}
-    if name in ("AddBackward0", "SubBackward0") and slot in (0, 1):
-        alpha = float(getattr(node, "_saved_alpha", 1.0))
-        coef = 1.0 if slot == 0 else (alpha if name == "AddBackward0" else -alpha)
-        return "add", {"coef": coef}
-    if name == "MulBackward0" and slot in (0, 1):
-        other = node._saved_other if slot == 0 else node._saved_self
-        return ("mul", {"x": other}) if isinstance(other, Tensor) else None
-    return None
+    """What a parameter's use computes and the saved tensors it needs, from the
+    node type's registry entry (rules.py); None: not handled here."""
+    entry = registry_entry(node)
+    use = entry.param_use if entry is not None else None
+    return use(node, slot) if use is not None else None
 
 
 def _uses(acc, consumers, chain=()) -> List[_Use]:

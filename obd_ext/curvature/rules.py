@@ -30,7 +30,8 @@ from torch import Tensor
 from .. import constants, ops
 from .naming import op_name
 
-__all__ = ["UnsupportedOpError", "Rule", "RULES", "SECOND_ORDER", "Ctx", "rule_for", "registry_entry"]
+__all__ = ["UnsupportedOpError", "Rule", "RULES", "SECOND_ORDER", "Ctx", "rule_for", "registry_entry",
+           "saved_or_none"]
 
 Grads = List[Optional[Tensor]]
 
@@ -540,6 +541,96 @@ def _constant_partials(c: Callable) -> Callable:
 
 
 # ---------------------------------------------------------------------------
+# Parameter uses for per-sample gradients (fisher, ggn-mc: per_sample.py)
+# ---------------------------------------------------------------------------
+#
+# ``(node, slot) -> (kind, saved)`` for a parameter entering ``node`` at input
+# ``slot``: what the use computes (per_sample.py turns it into per-sample
+# gradients) and the saved tensors it needs (a bias's "x" is only compared with
+# the probe, to check the rows); None: not handled there.
+
+
+def saved_or_none(node, attr: str) -> Optional[Tensor]:
+    """A saved tensor, or None where autograd did not save it (no gradient needed it)."""
+    try:
+        v = getattr(node, attr)
+    except (AttributeError, RuntimeError):
+        return None
+    return v if isinstance(v, Tensor) else None
+
+
+def _addmm_use(node, slot: int):
+    if slot == 2:
+        return "mat2", {"x": node._saved_mat1, "alpha": float(node._saved_alpha)}
+    if slot == 0:
+        return "addmm_bias", {"beta": float(node._saved_beta), "x": saved_or_none(node, "_saved_mat1")}
+    return None
+
+
+def _mm_use(node, slot: int):
+    return ("mat2", {"x": node._saved_self, "alpha": 1.0}) if slot == 1 else None
+
+
+def _conv_use(node, slot: int):
+    if slot not in (1, 2) or node._saved_transposed:
+        return None
+    conf = {"stride": list(node._saved_stride), "padding": list(node._saved_padding),
+            "dilation": list(node._saved_dilation), "groups": int(node._saved_groups)}
+    if slot == 1:
+        return "conv_w", {"x": node._saved_input, **conf}
+    return "conv_b", {"x": saved_or_none(node, "_saved_input")}
+
+
+def _embedding_use(node, slot: int):
+    if slot != 0 or node._saved_scale_grad_by_freq or node._saved_sparse:
+        return None
+    return "embedding", {"x": node._saved_indices, "padding_idx": int(node._saved_padding_idx),
+                         "rows": int(node._saved_weight_sym_argsize_0)}
+
+
+def _layer_norm_use(node, slot: int):
+    if slot == 2:
+        return "norm_b", {"x": node._saved_input}
+    if slot == 1:
+        return "ln_w", {"x": node._saved_input, "mean": node._saved_result1, "rstd": node._saved_result2,
+                        "n": math.prod(int(s) for s in node._saved_normalized_shape)}
+    return None
+
+
+def _batch_norm_use(node, slot: int):
+    if slot == 2:
+        return "bn_b", {"x": node._saved_input}
+    if slot == 1:
+        return "bn_w", {"x": node._saved_input, "mean": node._saved_running_mean, "var": node._saved_running_var,
+                        "eps": float(node._saved_eps)}
+    return None
+
+
+def _group_norm_use(node, slot: int):
+    if slot == 2:
+        return "bn_b", {"x": node._saved_input}
+    if slot == 1:
+        return "gn_w", {"x": node._saved_input, "mean": node._saved_result1, "rstd": node._saved_result2,
+                        "groups": int(node._saved_group)}
+    return None
+
+
+def _add_use(sign: float) -> Callable:
+    def use(node, slot: int):
+        if slot not in (0, 1):
+            return None
+        return "add", {"coef": 1.0 if slot == 0 else sign * float(getattr(node, "_saved_alpha", 1.0))}
+    return use
+
+
+def _mul_use(node, slot: int):
+    if slot not in (0, 1):
+        return None
+    other = node._saved_other if slot == 0 else node._saved_self
+    return ("mul", {"x": other}) if isinstance(other, Tensor) else None
+
+
+# ---------------------------------------------------------------------------
 # The registry: one entry per autograd node type
 # ---------------------------------------------------------------------------
 
@@ -555,12 +646,16 @@ class Rule:
         partials: for elementwise nodes, ``(node, live, second) -> (first
             partials per slot, second partials {(i, j): ...})``; elementwise
             regions (regions.py) compose them exactly. None: not elementwise.
+        param_use: ``(node, slot) -> (kind, saved)`` for a parameter used at
+            that input, from which per_sample.py forms per-sample gradients
+            (fisher, ggn-mc); None: such uses take the torch.func path.
     """
 
-    __slots__ = ("apply", "second_order", "partials")
+    __slots__ = ("apply", "second_order", "partials", "param_use")
 
-    def __init__(self, apply: Callable, second_order: bool = False, partials: Optional[Callable] = None):
-        self.apply, self.second_order, self.partials = apply, second_order, partials
+    def __init__(self, apply: Optional[Callable], second_order: bool = False, partials: Optional[Callable] = None,
+                 param_use: Optional[Callable] = None):
+        self.apply, self.second_order, self.partials, self.param_use = apply, second_order, partials, param_use
 
     def __call__(self, node, g: Grads, h: Grads, ctx: Ctx):
         return self.apply(node, g, h, ctx)
@@ -571,19 +666,20 @@ class Rule:
 
 
 RULES: Dict[str, Rule] = {name: Rule(index_map) for name in INDEX_MAPS}
+RULES["EmbeddingBackward0"] = Rule(embedding, param_use=_embedding_use)
 RULES.update({name: Rule(elementwise(d), second_order=name not in ("ReluBackward0", "LeakyReluBackward0",
                                                                     "HardtanhBackward0"),
                          partials=_activation_partials(d)) for name, d in ACTIVATIONS.items()})
 RULES.update({name: Rule(unary(d), second_order=name != "NativeDropoutBackward0", partials=_unary_partials(d))
               for name, d in UNARY.items()})
 RULES.update({
-    "MmBackward0": Rule(mm),
+    "MmBackward0": Rule(mm, param_use=_mm_use),
     "BmmBackward0": Rule(bmm),
-    "AddmmBackward0": Rule(addmm),
-    "ConvolutionBackward0": Rule(convolution),
-    "AddBackward0": Rule(add, partials=_add_partials(1.0)),
-    "SubBackward0": Rule(sub, partials=_add_partials(-1.0)),
-    "MulBackward0": Rule(mul, partials=_mul_partials),
+    "AddmmBackward0": Rule(addmm, param_use=_addmm_use),
+    "ConvolutionBackward0": Rule(convolution, param_use=_conv_use),
+    "AddBackward0": Rule(add, partials=_add_partials(1.0), param_use=_add_use(1.0)),
+    "SubBackward0": Rule(sub, partials=_add_partials(-1.0), param_use=_add_use(-1.0)),
+    "MulBackward0": Rule(mul, partials=_mul_partials, param_use=_mul_use),
     "DivBackward0": Rule(div, second_order=True, partials=_div_partials),
     "MeanBackward0": Rule(mean_all),
     "MeanBackward1": Rule(mean),
@@ -594,8 +690,10 @@ RULES.update({
     "AddBackward1": Rule(identity, partials=_constant_partials(lambda n: 1.0)),
     "SubBackward1": Rule(identity, partials=_constant_partials(lambda n: 1.0)),
     "RsubBackward1": Rule(rsub, partials=_constant_partials(lambda n: -float(n._saved_alpha))),
-    "NativeLayerNormBackward0": Rule(layer_norm, second_order=True),
-    "NativeBatchNormBackward0": Rule(batch_norm),
+    "NativeLayerNormBackward0": Rule(layer_norm, second_order=True, param_use=_layer_norm_use),
+    "NativeBatchNormBackward0": Rule(batch_norm, param_use=_batch_norm_use),
+    # No sweep rule yet (obd/lm raise UnsupportedOpError); fisher handles its parameters.
+    "NativeGroupNormBackward0": Rule(None, param_use=_group_norm_use),
     "CudnnBatchNormBackward0": Rule(batch_norm),
     "AvgPool2DBackward0": Rule(avg_pool(2)),
     "AvgPool3DBackward0": Rule(avg_pool(3)),
@@ -615,7 +713,7 @@ def registry_entry(node) -> Optional[Rule]:
 def rule_for(node) -> Callable:
     name = type(node).__name__
     rule = RULES.get(name)
-    if rule is None:
+    if rule is None or rule.apply is None:
         raise UnsupportedOpError(
             f"obd_ext curvature: no second-order rule for {op_name(name)} (the autograd node {name}); the model "
             "uses an operation the back-propagated diagonal does not cover yet. Use method='hutchinson' "
