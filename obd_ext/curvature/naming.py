@@ -28,7 +28,8 @@ def op_name(node_type: str) -> str:
     """The operation of an autograd node type in the user's terms: "CumsumBackward0" -> "cumsum"."""
     base = re.sub(r"Backward\d*$", "", node_type)
     base = re.sub(r"^(Native|Cudnn|Miopen|Mkldnn)", "", base)
-    words = re.sub(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])", "_", base).lower()
+    # CamelCase to snake_case, keeping a dimension with its digit ("Pool2D" -> "pool2d")
+    words = re.sub(r"(?<=[a-z])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])|(?<=[0-9])(?=[A-Z][a-z])", "_", base).lower()
     return words or node_type
 
 
