@@ -38,8 +38,11 @@ Timing: interleaved rounds. Each round runs ``--steps`` steps of every
 method, in an order rotated by one each round, and records the mean step time
 of each; a method's ratio to dense is the median of its per-round ratios
 (steps seconds apart, so the drifts of a shared machine cancel) and its time
-is the median over rounds. The noise column is the spread of the dense
-method's own per-round times (interquartile range / median).
+is the median over rounds. x_q1 and x_q3 are the quartiles of the
+per-round ratios, and the noise column the spread of the dense method's own
+per-round times (interquartile range / median). ``--methods`` may add
+"dense-aa", a second dense copy: its ratio to dense (ideally 1) is the noise
+floor and order bias of the same statistic, measured in the same run.
 
 Memory of freezing, per pruned parameter (entry of a pruned weight):
 
@@ -85,9 +88,10 @@ from common import machine, peak_extra_bytes, print_table, sync, write_json  # n
 import obd_ext  # noqa: E402
 from obd_ext.models import mlp as make_mlp  # noqa: E402
 
-__all__ = ["METHODS", "MODELS", "main"]
+__all__ = ["METHODS", "CONTROLS", "MODELS", "main"]
 
 METHODS = ["dense", "obd_ext", "torch.prune", "mask multiply"]
+CONTROLS = ["dense-aa"]  # on request: a second dense copy (A/A), the noise floor of the ratio
 MODELS = ["mlp", "transformer"]
 SPARSITY = 0.9
 
@@ -203,7 +207,7 @@ def setup_method(method: str, model: nn.Module, lr: float) -> Setup:
     names = pruned_names(model)
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
     s = Setup(model, opt, names)
-    if method == "dense":
+    if method in ("dense", "dense-aa"):
         return s
     if method == "obd_ext":
         pruner = obd_ext.Pruner(model, params=names)
@@ -237,7 +241,7 @@ def setup_method(method: str, model: nn.Module, lr: float) -> Setup:
         s.after_step = remask
         s.holder = pairs
         return s
-    raise ValueError(f"--methods: unknown method {method!r}; choose from {METHODS}")
+    raise ValueError(f"--methods: unknown method {method!r}; choose from {METHODS + CONTROLS}")
 
 
 # ---------------------------------------------------------------------------
@@ -247,7 +251,7 @@ def setup_method(method: str, model: nn.Module, lr: float) -> Setup:
 
 def check_frozen(method: str, s: Setup, start: Dict[str, Tensor], x: Tensor, y: Tensor) -> None:
     """Deleted weights exactly zero as the forward sees them; kept weights moved; 90% deleted."""
-    if method == "dense":
+    if method in ("dense", "dense-aa"):
         return
     with torch.no_grad():
         s.model(x)  # torch.prune recomputes its weights in forward pre-hooks
@@ -406,12 +410,15 @@ def run_model(args: argparse.Namespace, name: str, case: Case, methods: List[str
     rows = []
     for method in methods:
         row: Dict[str, object] = {"model": name, "method": method, "pruned_params": n_pruned,
-                                  "seconds": None, "x_dense": None, "held_bytes_per_pruned": None,
+                                  "seconds": None, "x_dense": None, "x_q1": None, "x_q3": None,
+                                  "held_bytes_per_pruned": None,
                                   "step_peak_extra_bytes_per_pruned": None, "dense_noise_iqr": noise,
                                   "error": errors.get(method)}
         if method in times:
             row["seconds"] = statistics.median(times[method])
-            row["x_dense"] = statistics.median(t / d for t, d in zip(times[method], dense))
+            ratios = [t / d for t, d in zip(times[method], dense)]
+            row["x_dense"] = statistics.median(ratios)
+            row["x_q1"], _, row["x_q3"] = statistics.quantiles(ratios, n=4) if len(ratios) >= 2 else [ratios[0]] * 3
             row["round_seconds"] = times[method]
             if held.get(method) is not None:
                 row["held_bytes_per_pruned"] = held[method] / n_pruned
@@ -426,7 +433,7 @@ def run_model(args: argparse.Namespace, name: str, case: Case, methods: List[str
 def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default=",".join(MODELS), help=f"comma-separated subset of {MODELS}")
-    p.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset (dense is always run)")
+    p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {METHODS + CONTROLS} (dense is always run)")
     p.add_argument("--rounds", type=int, default=10, help="interleaved rounds (default 10)")
     p.add_argument("--steps", type=int, default=2, help="steps of each method per round (default 2)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per method, checked (default 3)")
@@ -452,8 +459,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             p.error(f"--models: unknown model {m!r}; choose from {list(all_cases)}")
     methods = [m for m in args.methods.split(",") if m]
     for m in methods:
-        if m not in METHODS:
-            p.error(f"--methods: unknown method {m!r}; choose from {METHODS}")
+        if m not in METHODS + CONTROLS:
+            p.error(f"--methods: unknown method {m!r}; choose from {METHODS + CONTROLS}")
     methods = ["dense"] + [m for m in methods if m != "dense"]
 
     if args.peak_probe:
@@ -469,7 +476,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         rows += run_model(args, name, all_cases[name], methods, peaks.get(name, {}))
     print()
     shown = [{**r, "error": r["error"] and r["error"][:60]} for r in rows]  # the full text is in the JSON
-    print_table(shown, ["model", "method", "seconds", "x_dense", "held_bytes_per_pruned",
+    print_table(shown, ["model", "method", "seconds", "x_dense", "x_q1", "x_q3", "held_bytes_per_pruned",
                         "step_peak_extra_bytes_per_pruned", "dense_noise_iqr", "error"])
     write_json(args.json, {"machine": machine(), "device": args.device, "sparsity": SPARSITY,
                            "rounds": args.rounds, "steps_per_round": args.steps, "warmup": args.warmup,

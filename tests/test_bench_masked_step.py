@@ -10,13 +10,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_bench_masked_step_quick(tmp_path):
     out = tmp_path / "masked_step.json"
-    proc = subprocess.run([sys.executable, "bench/bench_masked_step.py", "--quick", "--threads", "1",
-                           "--json", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    args = ["bench/bench_masked_step.py", "--quick", "--threads", "1",
+            "--methods", "dense,obd_ext,torch.prune,mask multiply,dense-aa", "--json", str(out)]
+    proc = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads(out.read_text())
     rows = {(r["model"], r["method"]): r for r in res["results"]}
     assert set(rows) == {(m, k) for m in ("mlp", "transformer")
-                         for k in ("dense", "obd_ext", "torch.prune", "mask multiply")}
+                         for k in ("dense", "obd_ext", "torch.prune", "mask multiply", "dense-aa")}
     for model in ("mlp", "transformer"):
         dense = rows[model, "dense"]
         assert dense["x_dense"] == 1.0 and dense["held_bytes_per_pruned"] == 0
@@ -27,6 +28,10 @@ def test_bench_masked_step_quick(tmp_path):
             assert r["error"] is None, r["error"]
             assert r["x_dense"] > 0 and len(r["round_seconds"]) == res["rounds"]
             assert r["held_bytes_per_pruned"] >= 1  # at least a bool mask per pruned entry
+        # The A/A control: a second dense copy, timed by the same statistic, holds nothing.
+        aa = rows[model, "dense-aa"]
+        assert aa["error"] is None and aa["held_bytes_per_pruned"] == 0
+        assert aa["x_q1"] <= aa["x_dense"] <= aa["x_q3"]
         # The plain multiply holds exactly its bool masks.
         assert rows[model, "mask multiply"]["held_bytes_per_pruned"] == 1
     # torch.nn.utils.prune runs on the MLP (a float mask plus the recomputed weight: 8 bytes) ...
