@@ -205,3 +205,23 @@ def test_demo_help_documents_every_option():
                 "--no-progress", "obd,lm,fisher,magnitude", "levels,cubic"):
         assert opt in proc.stdout, opt
     assert "--criterion" not in proc.stdout
+
+
+def test_every_option_is_a_run_demo_keyword(monkeypatch):
+    """The CLI passes each parsed option to run_demo under its own name (out and no_progress aside)."""
+    import argparse
+    import inspect
+
+    import obd_ext.demo.run as run_module
+    from obd_ext.demo import add_arguments, run_from_args
+
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    dests = set(vars(p.parse_args([])))
+    keywords = set(inspect.signature(run_demo).parameters)
+    assert dests - {"out", "no_progress"} <= keywords and {"out_dir", "progress"} <= keywords
+    seen = {}
+    monkeypatch.setattr(run_module, "run_demo", lambda out_dir, **kw: seen.update(out_dir=out_dir, **kw))
+    run_from_args(p.parse_args(["--quick", "--method", "fisher", "--out", "d", "--no-progress", "--seeds", "3"]))
+    assert seen["out_dir"] == "d" and seen["method"] == "fisher" and seen["quick"] and seen["seeds"] == 3
+    assert seen["progress"] is False and seen["epochs"] is None
