@@ -26,7 +26,7 @@ def test_bench_masked_step_quick(tmp_path):
         for method in ("obd_ext", "mask multiply"):
             r = rows[model, method]
             assert r["error"] is None, r["error"]
-            assert r["x_dense"] > 0 and len(r["round_seconds"]) == res["rounds"]
+            assert r["x_dense"] > 0 and r["x_dense_cpu"] > 0 and len(r["round_seconds"]) == res["rounds"]
             assert r["held_bytes_per_pruned"] >= 1  # at least a bool mask per pruned entry
         # The A/A control: a second dense copy, timed by the same statistic, holds nothing.
         aa = rows[model, "dense-aa"]
