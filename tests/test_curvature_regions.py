@@ -192,6 +192,7 @@ EXPRESSIONS = {
     "u-tanh(u)": lambda u: u - torch.tanh(u),
     "tanh(u)/sigmoid(u)": lambda u: torch.tanh(u) / torch.sigmoid(u),
     "log(u^2+1)*u": lambda u: torch.log(u.square() + 1) * u,
+    "u*sigmoid(u.clone())": lambda u: u * torch.sigmoid(u.clone()),
 }
 
 
@@ -236,6 +237,18 @@ def test_elementwise_regions_are_exact(expr, reduction, twice):
     for k in ex:
         assert close(ob[k], ex[k]), (expr, k, ob[k], ex[k])
         assert close(lm[k], gn[k]), (expr, k, lm[k], gn[k])
+
+
+def test_a_dtype_copy_inside_a_region():
+    """x * sigmoid(x.float()).double(), as mixed-precision code writes it: the copies are
+    identities of the region (exact to float32's rounding), and the input keeps its dtype."""
+    torch.manual_seed(11)
+    model = PerFeature(lambda u: u * torch.sigmoid(u.float()).double())
+    x, t = torch.randn(7, 4), torch.randn(7, 4)
+    ex = hessian_diag(model, nn.MSELoss(), (x, t), method="exact", progress=False)
+    ob = hessian_diag(model, nn.MSELoss(), (x, t), method="obd", progress=False)
+    for k in ex:
+        assert ob[k].dtype == torch.float64 and close(ob[k], ex[k], 1e-6), k
 
 
 class HandWritten(nn.Module):

@@ -316,5 +316,12 @@ def apply_region(region: Region, buffers: Dict[Edge, Tuple[Optional[Tensor], Opt
             h_in = _acc(h_in, _fit(term, shape))
             if want_g and g is not None:
                 g_in = _acc(g_in, _fit(_scale(z1, g), shape))
+        # A copy to another dtype inside the region (``x.float()``) must not change the
+        # dtype the input's producer receives.
+        dtype = src[0]._input_metadata[src[1]].dtype
+        if h_in is not None and h_in.dtype != dtype:
+            h_in = h_in.to(dtype)
+        if g_in is not None and g_in.dtype != dtype:
+            g_in = g_in.to(dtype)
         result[src] = (g_in, h_in)
     return result

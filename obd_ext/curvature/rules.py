@@ -667,6 +667,10 @@ class Rule:
 
 RULES: Dict[str, Rule] = {name: Rule(index_map) for name in INDEX_MAPS}
 RULES["EmbeddingBackward0"] = Rule(embedding, param_use=_embedding_use)
+# Copies are elementwise identities: inside an elementwise region (``x * sigmoid(x.float())``)
+# they must not hide that one tensor enters twice.
+RULES.update({name: Rule(index_map, partials=_constant_partials(lambda n: 1.0))
+              for name in ("CloneBackward0", "AliasBackward0", "ToCopyBackward0", "ContiguousBackward0")})
 RULES.update({name: Rule(elementwise(d), second_order=name not in ("ReluBackward0", "LeakyReluBackward0",
                                                                     "HardtanhBackward0"),
                          partials=_activation_partials(d)) for name, d in ACTIVATIONS.items()})
