@@ -495,8 +495,8 @@ Partials = Tuple[List[Optional[object]], Dict[Tuple[int, int], object]]
 def _activation_partials(spec: Callable) -> Callable:
     def partials(node, live: Sequence[bool], second: bool) -> Partials:
         v, kind, (p0, p1, p2) = spec(node)
-        # The fused kernel returns f'^2 h + f'' g and f' g: with h = 0, g = 1 (broadcast
-        # scalars, no allocation) it gives f'' and f'.
+        # The fused kernel returns f'^2 h + f'' g and f' g: with h = 0, g = 1 it gives
+        # f'' and f' in one pass (it makes its operands contiguous itself).
         zero, one = v.new_zeros(()).expand(v.shape), v.new_ones(()).expand(v.shape)
         f2, f1 = ops.activation_hessian(v, zero, one, kind, p0, p1, p2, False, True)
         return [f1], ({(0, 0): f2} if second else {})
