@@ -116,7 +116,7 @@ def _methods_help(names) -> str:
 # ---------------------------------------------------------------------------
 
 _DEMO_DESCRIPTION = """\
-The paper's experiment (LeCun, Denker and Solla 1990) on the scikit-learn
+The paper's experiment (LeCun, Denker and Solla, NIPS 1989) on the scikit-learn
 digits: train a small network, delete parameters by OBD saliency, by
 magnitude and at random, and compare (Figures 1a, 1b and 2 and the claims
 they support). Writes the figures and results.json to --out."""
