@@ -26,12 +26,18 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 
 def want_cuda() -> bool:
     switch = os.environ.get("OBD_EXT_CUDA", "auto").lower()
-    possible = torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
+    home = cpp_extension.CUDA_HOME
+    # torch guesses CUDA_HOME from nvcc's folder; through a link such as
+    # /usr/local/bin/nvcc it gives /usr/local, which has no CUDA headers, and
+    # the build would fail late with "cuda_runtime.h: No such file".
+    headers = home is not None and os.path.exists(os.path.join(home, "include", "cuda_runtime.h"))
+    possible = torch.version.cuda is not None and headers
     if switch in ("1", "true", "on", "yes"):
         if not possible:
             sys.exit(
-                f"OBD_EXT_CUDA=1 but torch.version.cuda={torch.version.cuda!r} and "
-                f"CUDA_HOME={cpp_extension.CUDA_HOME!r}: a CUDA build of torch and nvcc are needed"
+                f"OBD_EXT_CUDA=1 but torch.version.cuda={torch.version.cuda!r} and CUDA_HOME={home!r}"
+                f"{'' if headers or home is None else ' (no include/cuda_runtime.h there: set CUDA_HOME)'}"
+                ": a CUDA build of torch and the CUDA toolkit are needed"
             )
         return True
     if switch in ("0", "false", "off", "no"):
@@ -56,7 +62,10 @@ def link_args() -> list:
 
 def extension():
     cuda = want_cuda()
-    sources = rel([os.path.join(ROOT, "csrc", "ops.cpp")] + glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp")))
+    # csrc/cpu: CPU kernels; csrc/generic: device-generic ops (no per-device kernel).
+    sources = rel([os.path.join(ROOT, "csrc", "ops.cpp")]
+                  + glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp"))
+                  + glob.glob(os.path.join(ROOT, "csrc", "generic", "*.cpp")))
     # The C++ standard is left to torch.utils.cpp_extension (torch 2.13 needs C++20).
     # -fno-trapping-math: no kernel reads floating-point exception flags, and
     # without it GCC will not if-convert the selects of csrc/cpu/vec_math.h's

@@ -1,6 +1,19 @@
 // The one TORCH_LIBRARY of obd_ext: every schema, nothing else.
-// Backends attach with TORCH_LIBRARY_IMPL in csrc/cpu/ and csrc/cuda/; fake
-// (meta) kernels and autograd are registered from Python (obd_ext/ops.py).
+//
+// Each op's implementation is in a file named after it, one per backend:
+//   csrc/cpu/<op>.cpp      CPU kernel + TORCH_LIBRARY_IMPL(obd_ext, CPU)
+//   csrc/cuda/<op>.cpp     CUDA binding (checks, allocation, stream) + TORCH_LIBRARY_IMPL(obd_ext, CUDA)
+//   csrc/kernels/<op>.cu   torch-free CUDA kernels, launched through <op>.cuh
+//   csrc/generic/<op>.cpp  device-generic ops (CompositeExplicit/ImplicitAutograd)
+// with <op> the op's name without a trailing underscore, except:
+//   saliency        saliency and group_saliency
+//   squared_mm      squared_mm and _squared_mm_direct
+//   segment_select  row_select_ and nm_select_ (a segment is a row or an N:M group)
+//   block_cache     _block_cache_enter, _block_cache_exit, _block_cache_stats
+// Shared by the bindings of both backends: checks.h (argument checks),
+// select_common.h (selection pools and statistics), rule_common.h (working
+// tensors of the sweep rules). Fake (meta) kernels and autograd are
+// registered from Python (obd_ext/ops.py).
 #include <Python.h>
 #include <torch/library.h>
 
@@ -81,8 +94,8 @@ TORCH_LIBRARY(obd_ext, m) {
   // (a*a if square_a else a) @ (b*b if square_b else b), 2-D or batched 3-D.
   // h_W = H_y^T (X*X) and H_x = H_y (W*W) are both of this form.
   m.def("squared_mm(Tensor a, Tensor b, bool square_a, bool square_b) -> Tensor");
-  // The same product by a loop that squares on load (CPU only; for the
-  // benchmark that chose BLAS, and as a second implementation in the tests).
+  // The same product by a loop that squares on load (for the benchmark that
+  // chose BLAS, and as a second implementation in the tests).
   m.def("_squared_mm_direct(Tensor a, Tensor b, bool square_a, bool square_b) -> Tensor");
 
   // Curvature sweep, the squared-operand products of the convolution rule
@@ -96,14 +109,14 @@ TORCH_LIBRARY(obd_ext, m) {
       "SymInt[] padding, SymInt[] dilation, bool transposed, SymInt[] output_padding, SymInt groups, "
       "bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
 
-  // Layer-wise OBD calibration statistics (EQUATIONS.md, "Layer-wise form"):
+  // Layer-wise OBD calibration statistics (docs/math.md, "Layer-wise form for large models"):
   // acc[j] += sum over rows r of x[r, j]^2, x seen as rows x acc.numel()
   // (its last dimension). x may be float32/float64/float16/bfloat16 and is
   // read as it is (no upcast copy); acc is float32 or float64 and sets the
   // accumulation precision. Deterministic: rows are summed in fixed blocks.
   m.def("column_sq_sum_(Tensor(a!) acc, Tensor x) -> ()");
 
-  // The CPU block cache of the curvature sweep (csrc/cpu/block_cache.cpp):
+  // The CPU block cache of the curvature sweep (csrc/generic/block_cache.cpp):
   // open and close a scope (nested scopes count), and read depth, cached
   // bytes, hits, misses, live bytes and their high-water mark.
   m.def("_block_cache_enter() -> ()");

@@ -4,6 +4,7 @@
 
 #include <ATen/ATen.h>
 
+#include <limits>
 #include <vector>
 
 #include "checks.h"
@@ -131,6 +132,20 @@ inline NMGroups nm_groups(const char* op, const at::Tensor& w, int64_t n, int64_
   for (int64_t i = 0; i < d; ++i) outer *= w.size(i);
   for (int64_t i = d + 1; i < w.dim(); ++i) inner *= w.size(i);
   return {outer * (c / m) * inner, c / m, inner};
+}
+
+// The float64 statistics a selection op returns (layout: StatIndex in
+// csrc/kernels/common.h), made on the host and moved to `device`.
+inline at::Tensor stats_tensor(const at::Device& device, double now, double before, double skipped,
+                               double max_deleted, double sum) {
+  auto st = at::empty({kNumStats}, at::TensorOptions().dtype(at::kDouble));
+  double* p = st.mutable_data_ptr<double>();
+  p[kStatDeletedNow] = now;
+  p[kStatDeletedBefore] = before;
+  p[kStatSkippedNonfinite] = skipped;
+  p[kStatMaxDeleted] = now > 0 ? max_deleted : std::numeric_limits<double>::quiet_NaN();
+  p[kStatSaliencySum] = sum;
+  return st.to(device);
 }
 
 }  // namespace obd

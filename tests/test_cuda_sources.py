@@ -3,6 +3,7 @@
 - every csrc/kernels/*.cu compiles with bare nvcc for sm_80 and sm_90 with
   warnings as errors, and no kernel file includes a torch/ATen/c10/pybind11
   header;
+- every op is implemented in files named after it (csrc/ops.cpp's map);
 - the CUDA bindings (csrc/cuda/*.cpp) compile with g++ against the installed
   torch's headers and CUDA's (they use only torch's device-generic API), and
   every obd::kernels function they call is defined by the kernel objects.
@@ -43,10 +44,39 @@ def cuda_include() -> str:
     return inc
 
 
-def test_there_are_kernels_for_every_op():
-    names = {p.stem for p in KERNELS}
-    assert {"saliency", "select_global", "select_segments"} <= names
-    assert {p.stem for p in BINDINGS} >= {"saliency", "select"}
+# Ops whose file is not named after the op itself (csrc/ops.cpp lists them).
+FILE_OF = {"group_saliency": "saliency", "_squared_mm_direct": "squared_mm", "row_select_": "segment_select",
+           "nm_select_": "segment_select", "_block_cache_enter": "block_cache", "_block_cache_exit": "block_cache",
+           "_block_cache_stats": "block_cache"}
+GENERIC = {"squared_conv", "_block_cache_enter", "_block_cache_exit", "_block_cache_stats"}  # csrc/generic/
+
+
+def schema_ops() -> list:
+    return re.findall(r'm\.def\(\s*"(\w+)\(', (ROOT / "csrc" / "ops.cpp").read_text())
+
+
+def test_every_op_is_in_files_named_after_it():
+    """csrc/{cpu,cuda}/<op>.cpp and csrc/kernels/<op>.cu register / implement <op>; nothing else does."""
+    ops = schema_ops()
+    assert {"saliency", "global_select_", "row_select_", "nm_select_", "squared_conv"} <= set(ops)
+    expected = {}  # file -> ops it must register
+    for op in ops:
+        stem = FILE_OF.get(op, op.rstrip("_"))
+        if op in GENERIC:
+            expected.setdefault(ROOT / "csrc" / "generic" / f"{stem}.cpp", set()).add(op)
+            continue
+        expected.setdefault(ROOT / "csrc" / "cpu" / f"{stem}.cpp", set()).add(op)
+        expected.setdefault(ROOT / "csrc" / "cuda" / f"{stem}.cpp", set()).add(op)
+        assert (ROOT / "csrc" / "kernels" / f"{stem}.cu").exists(), f"no csrc/kernels/{stem}.cu for {op}"
+        assert (ROOT / "csrc" / "kernels" / f"{stem}.cuh").exists(), f"no csrc/kernels/{stem}.cuh for {op}"
+    for path, want in expected.items():
+        assert path.exists(), f"{path.relative_to(ROOT)} is missing (it should hold {sorted(want)})"
+        got = set(re.findall(r'm\.impl\("(\w+)"', path.read_text()))
+        assert got == want, f"{path.relative_to(ROOT)} registers {sorted(got)}, expected {sorted(want)}"
+    sources = {p for d in ("cpu", "cuda", "generic") for p in (ROOT / "csrc" / d).glob("*.cpp")}
+    assert sources == set(expected), f"files that hold no op: {sorted(map(str, sources - set(expected)))}"
+    stems = {p.stem for p in KERNELS}
+    assert stems == {p.stem for p in BINDINGS}, "every CUDA binding has its kernel file and vice versa"
 
 
 def test_kernels_are_torch_free_and_in_place():

@@ -7,6 +7,7 @@
 #include <tuple>
 
 #include "../checks.h"
+#include "../rule_common.h"
 #include "dispatch.h"
 #include "vec_math.h"
 
@@ -55,22 +56,17 @@ std::tuple<at::Tensor, at::Tensor> activation_hessian_cpu(const at::Tensor& save
                                                           const c10::optional<at::Tensor>& g, int64_t kind,
                                                           double p0, double p1, double p2, bool lm, bool want_g) {
   check_activation_args(saved, h, g, kind, lm, want_g);
-  auto v = saved.contiguous();
-  auto hc = h.contiguous();
-  const bool has_g = g.has_value() && g->defined();
-  auto gc = has_g ? g->contiguous() : at::Tensor();
-  auto h_in = at::empty_like(hc);
-  auto g_in = want_g ? at::empty_like(hc) : at::empty({0}, hc.options());
-  const int64_t n = v.numel();
-  const bool use_g = !lm && has_g;
-  dispatch_float(v.scalar_type(), [&](auto tag) {
+  const RuleTensors t = prepare_rule(saved, h, g, want_g);
+  const int64_t n = t.ref.numel();
+  const bool use_g = !lm && t.has_g;
+  dispatch_float(t.ref.scalar_type(), [&](auto tag) {
     using T = typename decltype(tag)::type;
     using S = std::conditional_t<std::is_same_v<T, double>, double, float>;
-    const ActArgs<T, S> a{v.const_data_ptr<T>(),
-                          hc.const_data_ptr<T>(),
-                          has_g ? gc.const_data_ptr<T>() : nullptr,
-                          h_in.mutable_data_ptr<T>(),
-                          want_g ? g_in.mutable_data_ptr<T>() : nullptr,
+    const ActArgs<T, S> a{t.ref.const_data_ptr<T>(),
+                          t.h.const_data_ptr<T>(),
+                          t.g_data<T>(),
+                          t.h_out.mutable_data_ptr<T>(),
+                          t.g_out_data<T>(),
                           static_cast<S>(p0),
                           static_cast<S>(p1),
                           static_cast<S>(p2)};
@@ -79,7 +75,7 @@ std::tuple<at::Tensor, at::Tensor> activation_hessian_cpu(const at::Tensor& save
       with_rule_flags(use_g, want_g, [&](auto ug, auto wg) { act_run<K, T, S, ug.value, wg.value>(a, n); });
     });
   });
-  return {h_in, g_in};
+  return {t.h_out, t.g_out};
 }
 
 }  // namespace

@@ -9,6 +9,7 @@
 #include <tuple>
 
 #include "../checks.h"
+#include "../rule_common.h"
 #include "dispatch.h"
 #include "vec_math.h"
 
@@ -110,17 +111,12 @@ std::tuple<at::Tensor, at::Tensor> layer_norm_hessian_cpu(const at::Tensor& x, c
                                                           const at::Tensor& h, const c10::optional<at::Tensor>& g,
                                                           bool lm, bool want_g) {
   check_layer_norm_args(x, mean, rstd, weight, h, g, lm, want_g);
-  auto xc = x.contiguous();
-  auto hc = h.contiguous();
-  const bool has_g = g.has_value() && g->defined();
+  const RuleTensors t = prepare_rule(x, h, g, want_g);
   const bool has_w = weight.has_value() && weight->defined();
-  auto gc = has_g ? g->contiguous() : at::Tensor();
-  auto h_x = at::empty_like(hc);
-  auto g_x = want_g ? at::empty_like(hc) : at::empty({0}, hc.options());
-  const int64_t n = xc.size(-1);
-  const int64_t rows = n == 0 ? 0 : xc.numel() / n;
+  const int64_t n = t.ref.size(-1);
+  const int64_t rows = n == 0 ? 0 : t.ref.numel() / n;
   const bool use_g = !lm;
-  dispatch_float(xc.scalar_type(), [&](auto tag) {
+  dispatch_float(t.ref.scalar_type(), [&](auto tag) {
     using T = typename decltype(tag)::type;
     using S = std::conditional_t<std::is_same_v<T, double>, double, float>;
     // Statistics and gamma in the accumulation precision (native_layer_norm
@@ -128,18 +124,18 @@ std::tuple<at::Tensor, at::Tensor> layer_norm_hessian_cpu(const at::Tensor& x, c
     const auto st = std::is_same_v<S, double> ? at::kDouble : at::kFloat;
     auto mu = mean.to(st).contiguous(), rs = rstd.to(st).contiguous();
     auto gm = has_w ? weight->to(st).contiguous() : at::Tensor();
-    const LayerNormArgs<T, S> a{xc.const_data_ptr<T>(),
+    const LayerNormArgs<T, S> a{t.ref.const_data_ptr<T>(),
                                 mu.template const_data_ptr<S>(),
                                 rs.template const_data_ptr<S>(),
                                 has_w ? gm.template const_data_ptr<S>() : nullptr,
-                                hc.const_data_ptr<T>(),
-                                has_g ? gc.const_data_ptr<T>() : nullptr,
-                                h_x.mutable_data_ptr<T>(),
-                                want_g ? g_x.mutable_data_ptr<T>() : nullptr,
+                                t.h.const_data_ptr<T>(),
+                                t.g_data<T>(),
+                                t.h_out.mutable_data_ptr<T>(),
+                                t.g_out_data<T>(),
                                 n};
     with_rule_flags(use_g, want_g, [&](auto ug, auto wg) { layer_norm_run<T, S, ug.value, wg.value>(a, rows); });
   });
-  return {h_x, g_x};
+  return {t.h_out, t.g_out};
 }
 
 }  // namespace

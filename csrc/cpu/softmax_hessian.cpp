@@ -9,6 +9,7 @@
 #include <tuple>
 
 #include "../checks.h"
+#include "../rule_common.h"
 #include "dispatch.h"
 #include "vec_math.h"
 
@@ -84,24 +85,18 @@ void softmax_run(const SoftmaxArgs<T>& a, int64_t rows) {
 std::tuple<at::Tensor, at::Tensor> softmax_hessian_cpu(const at::Tensor& y, const at::Tensor& h,
                                                        const c10::optional<at::Tensor>& g, bool lm, bool want_g) {
   check_softmax_args(y, h, g, lm, want_g);
-  auto yc = y.contiguous();
-  auto hc = h.contiguous();
-  const bool has_g = g.has_value() && g->defined();
-  auto gc = has_g ? g->contiguous() : at::Tensor();
-  auto h_in = at::empty_like(hc);
-  auto g_in = want_g ? at::empty_like(hc) : at::empty({0}, hc.options());
-  const int64_t n = yc.size(-1);
-  const int64_t rows = n == 0 ? 0 : yc.numel() / n;
+  const RuleTensors t = prepare_rule(y, h, g, want_g);
+  const int64_t n = t.ref.size(-1);
+  const int64_t rows = n == 0 ? 0 : t.ref.numel() / n;
   const bool use_g = !lm;
-  dispatch_float(yc.scalar_type(), [&](auto tag) {
+  dispatch_float(t.ref.scalar_type(), [&](auto tag) {
     using T = typename decltype(tag)::type;
     using S = std::conditional_t<std::is_same_v<T, double>, double, float>;
-    const SoftmaxArgs<T> a{yc.const_data_ptr<T>(), hc.const_data_ptr<T>(),
-                           has_g ? gc.const_data_ptr<T>() : nullptr, h_in.mutable_data_ptr<T>(),
-                           want_g ? g_in.mutable_data_ptr<T>() : nullptr, n};
+    const SoftmaxArgs<T> a{t.ref.const_data_ptr<T>(), t.h.const_data_ptr<T>(), t.g_data<T>(),
+                           t.h_out.mutable_data_ptr<T>(), t.g_out_data<T>(), n};
     with_rule_flags(use_g, want_g, [&](auto ug, auto wg) { softmax_run<T, S, ug.value, wg.value>(a, rows); });
   });
-  return {h_in, g_in};
+  return {t.h_out, t.g_out};
 }
 
 }  // namespace

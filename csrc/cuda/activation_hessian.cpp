@@ -1,11 +1,12 @@
 // CUDA binding of activation_hessian: checks, allocation, device guard,
-// current stream; the kernel is csrc/kernels/activation.cu.
+// current stream; the kernel is csrc/kernels/activation_hessian.cu.
 #include <torch/library.h>
 
 #include <tuple>
 
 #include "../checks.h"
-#include "../kernels/activation.cuh"
+#include "../rule_common.h"
+#include "../kernels/activation_hessian.cuh"
 #include "cuda_utils.h"
 
 namespace obd {
@@ -17,17 +18,12 @@ std::tuple<at::Tensor, at::Tensor> activation_hessian_cuda(const at::Tensor& sav
                                                            double p0, double p1, double p2, bool lm, bool want_g) {
   check_activation_args(saved, h, g, kind, lm, want_g);
   c10::DeviceGuard guard(saved.device());
-  auto v = saved.contiguous();
-  auto hc = h.contiguous();
-  const bool has_g = g.has_value() && g->defined();
-  auto gc = has_g ? g->contiguous() : at::Tensor();
-  auto h_in = at::empty_like(hc);
-  auto g_in = want_g ? at::empty_like(hc) : at::empty({0}, hc.options());
-  kernels::ActivationParams p{v.data_ptr(), hc.data_ptr(), has_g ? gc.data_ptr() : nullptr, h_in.data_ptr(),
-                              want_g ? g_in.data_ptr() : nullptr, v.numel(), to_dtype(v.scalar_type()),
-                              static_cast<int32_t>(kind), p0, p1, p2, lm};
-  check_cuda(kernels::launch_activation_hessian(p, current_stream(v.device())), "activation_hessian");
-  return {h_in, g_in};
+  const RuleTensors t = prepare_rule(saved, h, g, want_g);
+  kernels::ActivationParams p{t.ref.data_ptr(), t.h.data_ptr(), t.g_raw(), t.h_out.data_ptr(), t.g_out_raw(),
+                              t.ref.numel(), to_dtype(t.ref.scalar_type()), static_cast<int32_t>(kind), p0, p1, p2,
+                              lm};
+  check_cuda(kernels::launch_activation_hessian(p, current_stream(t.ref.device())), "activation_hessian");
+  return {t.h_out, t.g_out};
 }
 
 }  // namespace

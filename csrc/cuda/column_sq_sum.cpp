@@ -1,9 +1,9 @@
 // CUDA binding of column_sq_sum_: checks, workspace, device guard, current
-// stream; the math is in csrc/kernels/column_stats.cu.
+// stream; the math is in csrc/kernels/column_sq_sum.cu.
 #include <torch/library.h>
 
 #include "../checks.h"
-#include "../kernels/column_stats.cuh"
+#include "../kernels/column_sq_sum.cuh"
 #include "cuda_utils.h"
 
 namespace obd {

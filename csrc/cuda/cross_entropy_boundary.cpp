@@ -1,10 +1,10 @@
-// CUDA binding of cross_entropy_boundary; the kernel is csrc/kernels/cross_entropy.cu.
+// CUDA binding of cross_entropy_boundary; the kernel is csrc/kernels/cross_entropy_boundary.cu.
 #include <torch/library.h>
 
 #include <tuple>
 
 #include "../checks.h"
-#include "../kernels/cross_entropy.cuh"
+#include "../kernels/cross_entropy_boundary.cuh"
 #include "cuda_utils.h"
 
 namespace obd {

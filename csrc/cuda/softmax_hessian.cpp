@@ -1,11 +1,12 @@
 // CUDA binding of softmax_hessian: checks, allocation, device guard, current
-// stream; the kernel is csrc/kernels/softmax.cu.
+// stream; the kernel is csrc/kernels/softmax_hessian.cu.
 #include <torch/library.h>
 
 #include <tuple>
 
 #include "../checks.h"
-#include "../kernels/softmax.cuh"
+#include "../rule_common.h"
+#include "../kernels/softmax_hessian.cuh"
 #include "cuda_utils.h"
 
 namespace obd {
@@ -16,18 +17,12 @@ std::tuple<at::Tensor, at::Tensor> softmax_hessian_cuda(const at::Tensor& y, con
                                                         const c10::optional<at::Tensor>& g, bool lm, bool want_g) {
   check_softmax_args(y, h, g, lm, want_g);
   c10::DeviceGuard guard(y.device());
-  auto yc = y.contiguous();
-  auto hc = h.contiguous();
-  const bool has_g = g.has_value() && g->defined();
-  auto gc = has_g ? g->contiguous() : at::Tensor();
-  auto h_in = at::empty_like(hc);
-  auto g_in = want_g ? at::empty_like(hc) : at::empty({0}, hc.options());
-  const int64_t n = yc.size(-1);
-  kernels::SoftmaxParams p{yc.data_ptr(), hc.data_ptr(), has_g ? gc.data_ptr() : nullptr, h_in.data_ptr(),
-                           want_g ? g_in.data_ptr() : nullptr, n == 0 ? 0 : yc.numel() / n, n,
-                           to_dtype(yc.scalar_type()), lm};
-  check_cuda(kernels::launch_softmax_hessian(p, current_stream(yc.device())), "softmax_hessian");
-  return {h_in, g_in};
+  const RuleTensors t = prepare_rule(y, h, g, want_g);
+  const int64_t n = t.ref.size(-1);
+  kernels::SoftmaxParams p{t.ref.data_ptr(), t.h.data_ptr(), t.g_raw(), t.h_out.data_ptr(), t.g_out_raw(),
+                           n == 0 ? 0 : t.ref.numel() / n, n, to_dtype(t.ref.scalar_type()), lm};
+  check_cuda(kernels::launch_softmax_hessian(p, current_stream(t.ref.device())), "softmax_hessian");
+  return {t.h_out, t.g_out};
 }
 
 }  // namespace

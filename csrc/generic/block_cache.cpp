@@ -1,4 +1,6 @@
-// A block cache for the large CPU tensors of a curvature sweep.
+// A block cache for the large CPU tensors of a curvature sweep. Its ops take
+// no tensors and register for no dispatch key (CompositeImplicitAutograd),
+// hence csrc/generic/, although the memory it manages is the CPU's.
 //
 // Why: a sweep allocates and frees the same few tensor sizes (a layer's
 // activations, the attention scores, the logits) over and over. glibc serves

@@ -1,6 +1,6 @@
 // CUDA kernel of activation_hessian: h_in = f'^2 h + f'' g, g_in = f' g in one
 // pass, with the math of act_rule (csrc/kernels/common.h) shared with the CPU.
-#include "activation.cuh"
+#include "activation_hessian.cuh"
 
 namespace obd {
 namespace kernels {

@@ -1,4 +1,4 @@
-// Torch-free launcher of the activation rule of the curvature sweep (activation.cu).
+// Torch-free launcher of the activation rule of the curvature sweep (activation_hessian.cu).
 #pragma once
 
 #include <cuda_runtime.h>

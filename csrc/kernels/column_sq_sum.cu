@@ -5,7 +5,7 @@
 // (coalesced) and float16/bfloat16 are widened in registers (no upcast copy).
 // Each chunk's partial goes to the workspace. Pass 2 adds the partials in
 // chunk order: no atomics, so the result is deterministic.
-#include "column_stats.cuh"
+#include "column_sq_sum.cuh"
 
 namespace obd {
 namespace kernels {

@@ -1,4 +1,4 @@
-// Torch-free launcher of column_sq_sum_ (see column_stats.cu).
+// Torch-free launcher of column_sq_sum_ (see column_sq_sum.cu).
 #pragma once
 
 #include <cuda_runtime.h>

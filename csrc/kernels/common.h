@@ -1,6 +1,6 @@
 // Torch-free definitions shared by the CPU kernels (g++) and the CUDA kernels
 // (bare nvcc). Nothing here may include a torch, ATen, c10 or pybind11 header:
-// tests/test_nvcc_compile.py compiles every csrc/kernels/*.cu with bare nvcc.
+// tests/test_cuda_sources.py compiles every csrc/kernels/*.cu with bare nvcc.
 #pragma once
 
 #include <math.h>
@@ -21,7 +21,7 @@ enum class Dtype : int32_t { F32 = 0, F64 = 1, F16 = 2, BF16 = 3 };
 
 // ---------------------------------------------------------------------------
 // Saliency s = h * w^2 / 2, evaluated as (h * w) * w * 0.5 in the saliency
-// precision S (docs/math.md, "Saliency in floating point").
+// precision S (docs/math.md, "Saliency").
 //
 // The order is chosen so that finite w and h never give NaN and the rounded
 // values keep the order of the exact ones: h * w is finite or +-inf; if it

@@ -2,7 +2,7 @@
 // for the row's max and sum of exponentials, then one pass writing g and h.
 #include <cub/block/block_reduce.cuh>
 
-#include "cross_entropy.cuh"
+#include "cross_entropy_boundary.cuh"
 
 namespace obd {
 namespace kernels {

@@ -1,4 +1,4 @@
-// Torch-free launcher of the cross-entropy boundary (cross_entropy.cu).
+// Torch-free launcher of the cross-entropy boundary (cross_entropy_boundary.cu).
 #pragma once
 
 #include <cuda_runtime.h>

@@ -2,7 +2,7 @@
 // by a multi-tensor radix select on the bit pattern of s = h w^2 / 2, computed
 // on the fly (never materialised, tensors never concatenated).
 //
-// The algorithm is the CPU one (csrc/cpu/select_global.cpp) with 12-bit
+// The algorithm is the CPU one (csrc/cpu/global_select.cpp) with 12-bit
 // digits, whose histograms fit in shared memory:
 //   hist pass (top digit; counts; NaN check) -> pick bin on the device ->
 //   [more hist passes while the bin is too big to buffer] ->
@@ -25,7 +25,7 @@
 #include <cstdlib>
 #include <vector>
 
-#include "select_global.cuh"
+#include "global_select.cuh"
 
 namespace obd {
 namespace kernels {

@@ -1,4 +1,4 @@
-// Torch-free interface of the CUDA global selection (see select_global.cu).
+// Torch-free interface of the CUDA global selection (see global_select.cu).
 #pragma once
 
 #include <cuda_runtime.h>
@@ -37,8 +37,8 @@ struct GlobalSelectResult {
   // Errors found before anything was written (the binding raises them):
   int64_t bad_member = -1;    // first non-finite entry (when !skip_nonfinite)
   int64_t bad_offset = -1;
-  bool k_out_of_range = false;
-  int64_t prunable = 0;       // entries that could be deleted
+  bool k_out_of_range = false;  // k not in [0, prunable]: nothing was written
+  int64_t prunable = 0;          // entries that could be deleted (set once the counts are known)
 };
 
 // Bytes of device workspace run_global_select needs.

@@ -1,7 +1,7 @@
 // CUDA kernel of layer_norm_hessian: one warp per row; the five row sums by
 // warp shuffles, then one pass writing h_x and g_x (closed forms of
-// reference.layer_norm_hessian, arranged as in csrc/cpu/layer_norm.cpp).
-#include "layer_norm.cuh"
+// reference.layer_norm_hessian, arranged as in csrc/cpu/layer_norm_hessian.cpp).
+#include "layer_norm_hessian.cuh"
 
 namespace obd {
 namespace kernels {

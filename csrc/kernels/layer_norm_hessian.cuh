@@ -1,4 +1,4 @@
-// Torch-free launcher of the layer-norm rule of the curvature sweep (layer_norm.cu).
+// Torch-free launcher of the layer-norm rule of the curvature sweep (layer_norm_hessian.cu).
 #pragma once
 
 #include <cuda_runtime.h>

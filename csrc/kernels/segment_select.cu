@@ -1,11 +1,11 @@
 // CUDA selection within segments of one weight: per output row and N:M.
-// Same contract as csrc/cpu/select_segments.cpp: every segment is its own pool
+// Same contract as csrc/cpu/segment_select.cpp: every segment is its own pool
 // with `target` deleted entries wanted; deleted entries count and stay
 // deleted; ties are deleted in index order.
 #include <cub/block/block_reduce.cuh>
 #include <cub/block/block_scan.cuh>
 
-#include "select_segments.cuh"
+#include "segment_select.cuh"
 
 namespace obd {
 namespace kernels {

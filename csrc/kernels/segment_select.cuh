@@ -1,4 +1,4 @@
-// Torch-free interface of the CUDA per-row and N:M selection (select_segments.cu).
+// Torch-free interface of the CUDA per-row and N:M selection (segment_select.cu).
 #pragma once
 
 #include <cuda_runtime.h>

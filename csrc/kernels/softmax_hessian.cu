@@ -1,7 +1,7 @@
 // CUDA kernel of softmax_hessian: one warp per row (attention rows are a few
 // hundred entries); the row sums s = sum y^2 h and t = sum g y by warp
 // shuffles, then one pass writing h_in and g_in.
-#include "softmax.cuh"
+#include "softmax_hessian.cuh"
 
 namespace obd {
 namespace kernels {

@@ -1,4 +1,4 @@
-// Torch-free launcher of the softmax rule of the curvature sweep (softmax.cu).
+// Torch-free launcher of the softmax rule of the curvature sweep (softmax_hessian.cu).
 #pragma once
 
 #include <cuda_runtime.h>
