@@ -466,3 +466,38 @@ def test_fallbacks_run_on_scaled_dot_product_attention(kind):
     hu = hessian_diag(model, nn.CrossEntropyLoss(), (x, y), method="hutchinson", samples=2, progress=False)
     assert close(ob["head.weight"], ex["head.weight"]) and close(ob["head.bias"], ex["head.bias"])
     assert set(hu) == set(ex) and all(bool(torch.isfinite(v).all()) for v in hu.values())
+
+
+# ---------------------------------------------------------------------------
+# Max selections (0/1 Jacobians) and the batch-statistics error
+# ---------------------------------------------------------------------------
+
+MAXES = {
+    "max_pool3d": lambda v: F.max_pool3d(v.unsqueeze(2), (1, 2, 2)),
+    "max_pool1d": lambda v: F.max_pool1d(v.flatten(2), 3),
+    "adaptive_max_pool2d": lambda v: F.adaptive_max_pool2d(v, (2, 3)),
+    "adaptive_max_pool1d": lambda v: F.adaptive_max_pool1d(v.flatten(2), 4),
+    "adaptive_max_pool3d": lambda v: F.adaptive_max_pool3d(v.unsqueeze(2), (1, 2, 2)),
+    "max_dim": lambda v: v.max(dim=1)[0],
+}
+
+
+@pytest.mark.parametrize("which", list(MAXES))
+def test_max_selections_are_exact(which):
+    torch.manual_seed(12)
+    fn = MAXES[which]
+    x = torch.randn(2, 2, 5, 5)
+    model = Scaled(fn, x.shape)
+    t = torch.randn(fn(x).shape)
+    ex = hessian_diag(model, nn.MSELoss(reduction="sum"), (x, t), method="exact", progress=False)["s"]
+    for method in ("obd", "lm"):
+        got = hessian_diag(model, nn.MSELoss(reduction="sum"), (x, t), method=method, progress=False)["s"]
+        assert close(got, ex), (which, method)
+
+
+def test_instance_norm_error_does_not_send_the_user_to_eval():
+    from obd_ext.curvature import UnsupportedOpError
+
+    model = nn.Sequential(nn.Conv2d(1, 3, 3), nn.InstanceNorm2d(3), nn.Flatten(), nn.Linear(27, 2)).eval()
+    with pytest.raises(UnsupportedOpError, match=r"InstanceNorm.*used in 1 \(InstanceNorm2d\).*'hutchinson'"):
+        hessian_diag(model, nn.CrossEntropyLoss(), (torch.randn(2, 1, 5, 5), torch.tensor([0, 1])), progress=False)

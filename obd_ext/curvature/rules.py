@@ -382,8 +382,10 @@ def batch_norm(node, g: Grads, h: Grads, ctx: Ctx):
     """Eval mode: an affine map per channel with the running statistics."""
     if node._saved_training:
         raise UnsupportedOpError(
-            "obd_ext curvature: BatchNorm in training mode couples the samples of a batch and has no "
-            "diagonal rule here; call model.eval() first, or use method='hutchinson'", type(node).__name__
+            "obd_ext curvature: batch_norm with statistics of the input (BatchNorm in training mode, or "
+            "InstanceNorm) has no diagonal rule here; for BatchNorm call model.eval() first (its running "
+            "statistics then make it an affine map); otherwise use method='hutchinson' or 'exact'",
+            type(node).__name__
         )
     x, weight = node._saved_input, node._saved_weight
     rm, rv, eps = node._saved_running_mean, node._saved_running_var, float(node._saved_eps)
@@ -476,6 +478,8 @@ INDEX_MAPS = [
     "MaskedFillBackward0", "MaxPool2DWithIndicesBackward0", "EmbeddingBackward0", "AliasBackward0",
     "ToCopyBackward0", "ContiguousBackward0", "IndexBackward0", "FlattenBackward0",
     "ChunkBackward0", "PadBackward0", "ConstantPadNdBackward0", "RepeatBackward0", "ExpandAsBackward0",
+    # max selections that route the gradient to one saved index (ties included): 0/1 Jacobians
+    "MaxPool3DWithIndicesBackward0", "AdaptiveMaxPool2DBackward0", "AdaptiveMaxPool3DBackward0", "MaxBackward0",
 ]
 
 
