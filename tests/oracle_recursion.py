@@ -1,7 +1,7 @@
 """Independent oracle for the OBD diagonal second-derivative recursion.
 
-Written from /work/shared/paper/EQUATIONS.md (eq. 5-8 and "The same rules in
-matrix form") without looking at ``obd_ext.curvature``. Plain PyTorch: the
+Written from the paper's eq. 5-8 (restated in docs/math.md, "The network and
+its second derivatives" to "The same rules for whole tensors") without looking at ``obd_ext.curvature``. Plain PyTorch: the
 forward pass runs the modules themselves, while the backward passes (the
 first-order gradient G and the second-order recursion H) are written by hand,
 with closed-form f' and f'' for every activation.

@@ -438,7 +438,7 @@ def _spearman(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def test_saliency_ranking_on_a_trained_digits_convnet():
-    """OBD saliency from eq. 7 ranks like the exact diagonal (EQUATIONS.md: above 0.99 on digits)."""
+    """OBD saliency from eq. 7 ranks like the exact diagonal (above 0.99 on digits)."""
     from sklearn.datasets import load_digits
 
     x, y = load_digits(return_X_y=True)

@@ -264,8 +264,8 @@ class HandWritten(nn.Module):
 
 @pytest.mark.parametrize("expr", ["gelu_new", "mish", "u*sigmoid(u)"])
 def test_hand_written_activations_exact_in_the_last_two_layers(expr):
-    """Under MSE the layer before the last is exact (EQUATIONS.md): with a written-out
-    activation only if the activation is swept as one function."""
+    """Under MSE the layer before the last is exact (docs/math.md, "Where the result is exact"):
+    with a written-out activation only if the activation is swept as one function."""
     torch.manual_seed(6)
     model = nn.Sequential(nn.Linear(5, 6), HandWritten(expr), nn.Linear(6, 4), HandWritten(expr), nn.Linear(4, 3))
     x, t = torch.randn(9, 5), torch.randn(9, 3)

@@ -1,6 +1,6 @@
 """Boundary conditions of the curvature sweep: the loss's gradient and the
-diagonal of its Hessian with respect to the model output (EQUATIONS.md,
-"Losses").
+diagonal of its Hessian with respect to the model output (docs/math.md,
+"Back-propagating second derivatives": the boundary condition).
 
 Each rule returns ``(loss, g, h_obd, h_lm)`` for a model output ``y``:
 ``g = dL/dy`` (None where the caller needs no gradient and it would cost a

@@ -1,5 +1,5 @@
-"""One squared-Jacobian rule per autograd node type (EQUATIONS.md, eq. 7 and
-"The same rules in matrix form").
+"""One squared-Jacobian rule per autograd node type (docs/math.md,
+"Back-propagating second derivatives" and "The same rules for whole tensors").
 
 A rule maps what reaches a node's outputs, the gradient ``g`` and the diagonal
 second derivative ``H``, to its inputs:
