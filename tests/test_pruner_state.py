@@ -296,3 +296,93 @@ def test_gradient_masking_allocates_no_mask_per_backward():
     assert all(pruner._deleted[k] is deleted[k] for k in deleted)
     for k, m in pruner.masks.items():
         assert not model.get_parameter(k).grad[~m].any()
+
+
+# ---------------------------------------------------------------------------
+# The bad-input matrix for the Pruner's entry points: each call raises a clear
+# error naming the argument, and no weight, mask, gradient hook, optimizer
+# state or version counter changed.
+# ---------------------------------------------------------------------------
+
+def _snapshot(model, pruner, opt):
+    return {
+        "weights": {k: v.detach().clone() for k, v in model.state_dict().items()},
+        "versions": {k: p._version for k, p in model.named_parameters()},
+        "masks": {k: m.clone() for k, m in pruner.masks.items()},
+        "hooks": len(pruner._hooks),
+        "state": {id(p): {k: v.clone() for k, v in s.items() if torch.is_tensor(v)} for p, s in opt.state.items()},
+    }
+
+
+def _same(a, b):
+    assert a["weights"].keys() == b["weights"].keys()
+    assert all(torch.equal(a["weights"][k], b["weights"][k]) for k in a["weights"])
+    assert a["versions"] == b["versions"]
+    assert all(torch.equal(a["masks"][k], b["masks"][k]) for k in a["masks"])
+    assert a["hooks"] == b["hooks"]
+    assert a["state"].keys() == b["state"].keys()
+    for p in a["state"]:
+        assert all(torch.equal(a["state"][p][k], b["state"][p][k]) for k in a["state"][p])
+
+
+def _h(model, **override):
+    h = {k: torch.rand_like(p) for k, p in model.named_parameters() if k.endswith("weight")}
+    h.update(override)
+    return h
+
+
+BAD_CALLS = {
+    "prune: sparsity > 1": (lambda m, p: p.prune(1.5, method="magnitude"), ValueError, "sparsity"),
+    "prune: sparsity NaN": (lambda m, p: p.prune(float("nan"), method="magnitude"), ValueError, "sparsity"),
+    "prune: sparsity str": (lambda m, p: p.prune("0.5", method="magnitude"), ValueError, "sparsity"),
+    "prune: unknown method": (lambda m, p: p.prune(0.5, method="taylor"), ValueError, "method"),
+    "prune: layer-wise method": (lambda m, p: p.prune(0.5, method="layerwise-obd"), ValueError, "method"),
+    "prune: unknown scope": (lambda m, p: p.prune(0.5, method="magnitude", scope="nm"), ValueError, "scope"),
+    "prune: bad pattern": (lambda m, p: p.prune(0.5, method="magnitude", pattern="4:2"), ValueError, "pattern"),
+    "prune: pattern vs sparsity": (lambda m, p: p.prune(0.7, method="magnitude", pattern="2:4"), ValueError,
+                                   "conflicts"),
+    "prune: no curvature": (lambda m, p: p.prune(0.5, method="obd"), ValueError, "curvature"),
+    "prune: curvature not a mapping": (lambda m, p: p.prune(0.5, method="obd", curvature=[1]), TypeError,
+                                       "curvature"),
+    "prune: curvature missing a name": (lambda m, p: p.prune(0.5, method="obd", curvature={"0.weight": None}),
+                                        ValueError, "2.weight"),
+    "prune: curvature wrong shape": (lambda m, p: p.prune(0.5, method="obd", curvature=_h(
+        m, **{"2.weight": torch.rand(3)})), ValueError, "2.weight"),
+    "prune: NaN in the second curvature": (lambda m, p: p.prune(0.5, method="obd", curvature=_h(
+        m, **{"2.weight": torch.full((3, 8), float("nan"))})), ValueError, "2.weight"),
+    "prune: int curvature": (lambda m, p: p.prune(0.5, method="obd", curvature=_h(
+        m, **{"2.weight": torch.ones(3, 8, dtype=torch.int64)})), TypeError, "2.weight"),
+    "prune: less than deleted": (lambda m, p: p.prune(0.1, method="magnitude"), ValueError, "revive"),
+    "prune: random with row scope": (lambda m, p: p.prune(0.5, method="random", scope="row"), ValueError,
+                                     "random"),
+    "finalize: unknown format": (lambda m, p: p.finalize("coo"), ValueError, "format"),
+    "finalize: 2:4 on an unstructured model": (lambda m, p: p.finalize("semi_structured"), ValueError,
+                                                "0.weight"),
+    "load_state_dict: missing mask": (lambda m, p: p.load_state_dict({"0.weight": p.masks["0.weight"]}), KeyError,
+                                      "2.weight"),
+    "load_state_dict: float mask": (lambda m, p: p.load_state_dict(
+        {k: v.float() for k, v in p.masks.items()}), TypeError, "bool"),
+    "load_state_dict: wrong shape": (lambda m, p: p.load_state_dict(
+        {k: v[:1] for k, v in p.masks.items()}), ValueError, "shape"),
+    "load_state_dict: unknown name": (lambda m, p: p.load_state_dict(
+        dict(p.masks, **{"1.weight": torch.ones(2, dtype=torch.bool)})), KeyError, "1.weight"),
+    "attach: SparseAdam": (lambda m, p: p.attach(torch.optim.SparseAdam([nn.Parameter(torch.ones(2))])),
+                           ValueError, "SparseAdam"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_CALLS))
+def test_bad_input_changes_nothing(case):
+    call, error, word = BAD_CALLS[case]
+    model = _mlp()
+    opt = torch.optim.Adam(model.parameters(), lr=0.1)
+    pruner = Pruner(model).attach(opt)
+    x, y = torch.randn(8, 6), torch.randint(0, 3, (8,))
+    opt.zero_grad()
+    nn.functional.cross_entropy(model(x), y).backward()
+    opt.step()
+    pruner.prune(0.3, method="magnitude")
+    before = _snapshot(model, pruner, opt)
+    with pytest.raises(error, match=word):
+        call(model, pruner)
+    _same(before, _snapshot(model, pruner, opt))
