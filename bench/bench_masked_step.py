@@ -69,7 +69,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import inspect
 import json
 import os
 import statistics
@@ -198,12 +197,6 @@ class Setup:
         return getattr(mod, attr)
 
 
-def prune_keyword() -> str:
-    """Pruner.prune's keyword for the method: "method" (the vocabulary) or the older "criterion"."""
-    params = inspect.signature(obd_ext.Pruner.prune).parameters
-    return "method" if "method" in params else "criterion"
-
-
 def setup_method(method: str, model: nn.Module, lr: float) -> Setup:
     names = pruned_names(model)
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
@@ -212,7 +205,7 @@ def setup_method(method: str, model: nn.Module, lr: float) -> Setup:
         return s
     if method == "obd_ext":
         pruner = obd_ext.Pruner(model, params=names)
-        pruner.prune(SPARSITY, **{prune_keyword(): "magnitude"})
+        pruner.prune(SPARSITY, method="magnitude")
         pruner.attach(opt)
         s.keep, s.keep_is_copy = {n: m.clone() for n, m in pruner.masks.items()}, True
         s.holder = pruner
@@ -482,7 +475,6 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 0
 
     print("machine:", machine())
-    print(f"Pruner.prune keyword: {prune_keyword()}=")
     # CPU memory first, in a child process (before this one holds the models).
     peaks = {} if args.device.startswith("cuda") else step_peaks_child(args, models, methods)
     rows: List[Dict[str, object]] = []
@@ -494,7 +486,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                         "step_peak_extra_bytes_per_pruned", "dense_noise_iqr", "error"])
     write_json(args.json, {"machine": machine(), "device": args.device, "sparsity": SPARSITY,
                            "rounds": args.rounds, "steps_per_round": args.steps, "warmup": args.warmup,
-                           "models": {m: all_cases[m][2] for m in models}, "prune_keyword": prune_keyword(),
+                           "models": {m: all_cases[m][2] for m in models},
                            "results": rows})
     return 0
 
