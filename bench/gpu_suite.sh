@@ -71,6 +71,9 @@ START=$(date +%s)
 FAILED=0
 BUILD_OK=1
 export PYTHONUNBUFFERED=1
+# On the GPU machine obd_ext is built in place, not installed: the scripts
+# under bench/ and the tests find it through the repository root.
+export PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}
 
 # Packages the GPU image lacks travel as wheels in .whl (bench/gpu/README.md).
 if [ "$DRY" = 0 ] && ls .whl/*.whl >/dev/null 2>&1; then

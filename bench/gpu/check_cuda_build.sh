@@ -61,5 +61,6 @@ echo "built in $((end - start)) s (log: $BUILD/build.log)"
 ls -l "$BUILD"/src/obd_ext/_C*.so
 
 echo "== import and per-op CUDA kernel check"
-(cd "$BUILD/src" && "$VENV/bin/python" bench/gpu/check_ops.py --cuda --json "$BUILD/check_ops.json")
+# The build is in place, not installed: the copy's root goes on the path.
+(cd "$BUILD/src" && PYTHONPATH="$BUILD/src" "$VENV/bin/python" bench/gpu/check_ops.py --cuda --json "$BUILD/check_ops.json")
 echo "CUDA BUILD OK: $((end - start)) s with MAX_JOBS=$MAX_JOBS"
