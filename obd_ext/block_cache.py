@@ -2,7 +2,7 @@
 
 A sweep allocates and frees the same few tensor sizes many times per batch;
 on Linux, glibc hands large blocks back to the kernel, so each new tensor is
-fresh memory faulted in page by page (csrc/cpu/block_cache.cpp says how much
+fresh memory faulted in page by page (csrc/generic/block_cache.cpp says how much
 that costs). Inside :func:`cpu_block_cache` freed CPU blocks of 1 MiB or more
 are kept and reused for requests of the same size; live plus cached bytes stay
 within 1.5x the scope's peak of live bytes, and everything is released when

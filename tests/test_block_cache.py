@@ -1,4 +1,4 @@
-"""The CPU block cache of the curvature sweep (csrc/cpu/block_cache.cpp)."""
+"""The CPU block cache of the curvature sweep (csrc/generic/block_cache.cpp)."""
 
 import os
 import threading
