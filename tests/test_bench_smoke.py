@@ -27,7 +27,8 @@ def test_bench_select_quick(tmp_path):
 def test_bench_curvature_quick(tmp_path):
     res = run(["bench/bench_curvature.py", "--quick", "--repeats", "1", "--methods", "fwd+bwd,obd,lm"], tmp_path)
     rows = res["results"]
-    assert {r["model"] for r in rows} == {"mlp", "lenet", "resnet", "gpt-v512"}
+    assert {r["model"] for r in rows} == {"mlp", "lenet", "resnet", "gpt-v512", "hf-gpt2-gelu_new", "hf-llama"}
+    assert len(rows) == 6 * 3  # every method ran on every model (a failure is printed, not a row)
     assert all(r["x_fwd_bwd"] > 0 for r in rows)
 
 
