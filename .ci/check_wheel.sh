@@ -15,4 +15,5 @@ python -m venv "$work/venv"
 cd "$work"
 "$work/venv/bin/python" "$repo/.ci/wheel_smoke.py" "$repo" "$work"/dist/obd_ext-*.whl
 "$work/venv/bin/obd-ext" --version
+"$work/venv/bin/python" -m obd_ext --version
 "$work/venv/bin/python" -c "import torch; v = torch.__version__; assert v.startswith('2.13.0'), v"

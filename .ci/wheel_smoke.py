@@ -26,6 +26,8 @@ missing = sorted(p for p in source if p not in names)
 assert not missing, f"modules missing from the wheel: {missing}"
 OPTIONAL = {"matplotlib", "transformers", "sklearn", "tokenizers", "safetensors"}
 for m in pkgutil.walk_packages(obd_ext.__path__, "obd_ext."):
+    if m.name == "obd_ext.__main__":  # runs the CLI on import; check_wheel.sh runs it as a command
+        continue
     try:
         importlib.import_module(m.name)
     except ImportError as e:  # only an optional extra may be missing
