@@ -160,7 +160,8 @@ class Pruner:
                 warnings.warn(f"Pruner: {len(many)} of the pruned parameters are at least 10% exact zeros "
                               f"(e.g. {n}: {z:.0%}); if the model was pruned before, pass adopt_zeros=True to keep "
                               "those weights frozen", stacklevel=2)
-        self._deleted: Dict[str, Tensor] = {}  # ~mask, kept so the gradient hook allocates nothing
+        self._deleted: Dict[str, Tensor] = {}  # ~mask, kept so apply_masks allocates nothing
+        self._zeros: Dict[tuple, Tensor] = {}  # the gradient hook's 0 per (dtype, device)
         self._hooks: list = []
         self._optimizers: list = []
         self._weights_dirty = False  # deleted weights may be non-zero (after a factor prune or a mask load)
@@ -277,10 +278,17 @@ class Pruner:
         self._deleted = {k: ~m for k, m in self.masks.items()}
 
     def _mask_grad(self, name: str, param: Tensor) -> None:
-        # After accumulation, in place: one pass, nothing allocated. masked_fill_
-        # (not a multiply) so a non-finite gradient at a deleted entry becomes 0.
-        if param.grad is not None:
-            param.grad.masked_fill_(self._deleted[name], 0)
+        # After accumulation, in place: one pass, nothing allocated. A select,
+        # not a multiply, so a non-finite gradient at a deleted entry becomes 0;
+        # torch.where(out=) is vectorised on the CPU, measured faster than
+        # masked_fill_ (6.5 vs 7.3 ms on 10M entries, bench/RESULTS.md).
+        g = param.grad
+        if g is not None:
+            key = (g.dtype, g.device)
+            zero = self._zeros.get(key)
+            if zero is None:
+                zero = self._zeros[key] = torch.zeros((), dtype=g.dtype, device=g.device)
+            torch.where(self.masks[name], g, zero, out=g)
 
     def _install_grad_hooks(self) -> None:
         for name, p in self.params.items():
