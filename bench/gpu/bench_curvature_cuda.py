@@ -16,15 +16,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
+import os
 import sys
-import time
-from typing import Callable, Dict, List, Tuple
+from typing import Dict, Tuple
 
 import torch
 from torch import nn
 
 import obd_ext
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from common import time_call  # noqa: E402  (bench/common.py: CUDA events on a GPU, perf_counter on the CPU)
 
 METHODS = ["obd", "lm", "fisher", "ggn-mc"]
 
@@ -70,25 +72,6 @@ def cases(tiny: bool, device: str) -> Dict[str, Tuple[nn.Module, torch.Tensor, t
             "gpt": (gpt.to(device), idx.to(device), tgt.to(device))}
 
 
-def timed(fn: Callable[[], object], device: str, repeats: int, warmup: int = 1) -> float:
-    for _ in range(warmup):
-        fn()
-    times: List[float] = []
-    for _ in range(repeats):
-        if device.startswith("cuda"):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -104,7 +87,7 @@ def main(argv=None) -> int:
             model.zero_grad(set_to_none=True)
             loss_fn(model(x), y).backward()
 
-        base = timed(backward, args.device, args.repeats)
+        base = time_call(backward, args.device, args.repeats)
         rows.append({"model": name, "method": "forward+backward", "seconds": base, "x_backward": 1.0})
         for method in args.methods.split(","):
             def curv(model=model, x=x, y=y, method=method):
@@ -115,7 +98,7 @@ def main(argv=None) -> int:
                 assert torch.isfinite(h).all(), f"{name} {method}: non-finite curvature for {pname}"
                 if method in ("lm", "fisher", "ggn-mc"):
                     assert (h >= 0).all(), f"{name} {method}: negative Gauss-Newton/Fisher curvature for {pname}"
-            secs = timed(curv, args.device, args.repeats)
+            secs = time_call(curv, args.device, args.repeats)
             rows.append({"model": name, "method": method, "seconds": secs, "x_backward": secs / base})
     dev = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
     print(f"curvature on {dev} (median of {args.repeats}; x_backward = time / one forward+backward)")

@@ -15,32 +15,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
+import os
 import sys
-import time
-from typing import Callable, Dict
+from typing import Dict
 
 import torch
 
-
-def timed(fn: Callable[[], None], device: str, repeats: int, warmup: int = 3) -> float:
-    """Median seconds of one call: CUDA events on a GPU, perf_counter on the CPU."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        if device.startswith("cuda"):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from common import time_call  # noqa: E402  (bench/common.py: CUDA events on a GPU, perf_counter on the CPU)
 
 
 def measure(device: str, tiny: bool) -> Dict[str, float]:
@@ -48,12 +30,12 @@ def measure(device: str, tiny: bool) -> Dict[str, float]:
     copy_bytes = (1 << 20) if tiny else (4 << 30)  # 4 GiB: about 70x the H200's L2
     src = torch.empty(copy_bytes // 4, dtype=torch.float32, device=device).uniform_()
     dst = torch.empty_like(src)
-    t_copy = timed(lambda: dst.copy_(src), device, 5 if tiny else 10)
+    t_copy = time_call(lambda: dst.copy_(src), device, 5 if tiny else 10, warmup=3)
     del src, dst
     n = 64 if tiny else 8192
     a = torch.randn(n, n, device=device).to(torch.bfloat16)
     b = torch.randn(n, n, device=device).to(torch.bfloat16)
-    t_mm = timed(lambda: torch.mm(a, b), device, 5 if tiny else 10)
+    t_mm = time_call(lambda: torch.mm(a, b), device, 5 if tiny else 10, warmup=3)
     return {"copy_bytes": float(copy_bytes), "copy_seconds": t_copy, "copy_bytes_per_s": 2.0 * copy_bytes / t_copy,
             "matmul_n": float(n), "matmul_seconds": t_mm, "bf16_flop_per_s": 2.0 * n ** 3 / t_mm}
 
