@@ -7,7 +7,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import obd_ext
-from testing import float64_by_default  # noqa: F401  (autouse fixture: every test in float64)
+from testing import brute_rule_diagonal, float64_by_default  # noqa: F401  (autouse fixture: every test in float64)
 from obd_ext import reference
 from obd_ext.curvature import CurvatureAccumulator, UnsupportedOpError, hessian_diag
 from obd_ext.curvature import rules
@@ -318,16 +318,6 @@ def test_row_rules_closed_forms(which):
             assert torch.allclose(h_in[r], gn if lm else full, atol=1e-10), (which, lm, r)
 
 
-def _brute_flat(fn, x, g_out, h_out):
-    """For y = fn(x) (any shapes): diag(J^T diag(h) J) [+ sum_j g_j d2y_j/dx_i^2] over flattened x."""
-    xf = x.detach().reshape(-1)
-    f = lambda v: fn(v.reshape(x.shape)).reshape(-1)  # noqa: E731
-    jac = torch.autograd.functional.jacobian(f, xf)
-    gn = (jac ** 2 * h_out.reshape(-1)[:, None]).sum(0)
-    hes = torch.autograd.functional.hessian(lambda v: (f(v) * g_out.reshape(-1)).sum(), xf)
-    return (gn + torch.diagonal(hes)).reshape(x.shape), gn.reshape(x.shape)
-
-
 @pytest.mark.parametrize("op", ["mul", "div_num", "div_den", "batch_norm_eval", "layer_norm_3d", "mean", "avg_pool",
                                 "pow3", "square", "rsqrt", "sqrt", "exp", "log", "reciprocal", "neg", "rsub",
                                 "mul_scalar"])
@@ -368,7 +358,7 @@ def test_more_rules_against_brute_force(op):
         g_in, h_in = rules.RULES[type(y.grad_fn).__name__](y.grad_fn, [g], [h], ctx)
         fit = lambda t: t.reshape(x.shape) if t.numel() == x.numel() else t.sum_to_size(x.shape)  # noqa: E731
         h_rule = fit(h_in[idx])
-        full, gn = _brute_flat(fn, x, g, h)
+        full, gn = brute_rule_diagonal(fn, x, g, h)
         assert torch.allclose(h_rule.reshape(x.shape), gn if lm else full, atol=1e-10), (op, lm)
         if not lm:  # the first-order part is the ordinary gradient
             vjp = torch.autograd.grad(y, x, g, retain_graph=True)[0]

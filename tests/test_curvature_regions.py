@@ -11,23 +11,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from testing import float64_by_default  # noqa: F401  (autouse fixture: every test in float64)
+from testing import brute_rule_diagonal, float64_by_default  # noqa: F401  (autouse fixture: every test in float64)
 from obd_ext.curvature import hessian_diag, rules
 
 
 def close(a, b, tol=1e-10):
     a, b = a.detach(), b.detach()
     return float((a - b).abs().max()) <= tol * max(1.0, float(b.abs().max()))
-
-
-def brute_flat(fn, x, g_out, h_out):
-    """For y = fn(x): diag(J^T diag(h) J) + sum_j g_j d2y_j/dx_i^2, and its Gauss-Newton part."""
-    xf = x.detach().reshape(-1)
-    f = lambda v: fn(v.reshape(x.shape)).reshape(-1)  # noqa: E731
-    jac = torch.autograd.functional.jacobian(f, xf)
-    gn = (jac ** 2 * h_out.reshape(-1)[:, None]).sum(0)
-    hes = torch.autograd.functional.hessian(lambda v: (f(v) * g_out.reshape(-1)).sum(), xf)
-    return (gn + torch.diagonal(hes)).reshape(x.shape), gn.reshape(x.shape)
 
 
 def rule_on(fn, x, g, h, lm):
@@ -102,7 +92,7 @@ def test_average_pool_rules_against_brute_force(which):
     ctx.g_wanted = [True]
     g_in, h_in = rules.rule_for(node)(node, [g], [h], ctx)
     v = node._saved_self.detach().requires_grad_()
-    full, gn = brute_flat(lambda t: _pool_of(node, t), v, g, h)
+    full, gn = brute_rule_diagonal(lambda t: _pool_of(node, t), v, g, h)
     assert close(h_in[0], full) and close(h_in[0], gn), which  # linear: no second-derivative term
     assert close(g_in[0], torch.autograd.grad(_pool_of(node, v), v, g)[0]), which
 

@@ -88,3 +88,14 @@ def float64_by_default():
     torch.set_default_dtype(torch.float64)
     yield
     torch.set_default_dtype(old)
+
+
+def brute_rule_diagonal(fn, x, g_out, h_out):
+    """For y = fn(x) (any shapes), by autograd over flattened x: the sweep rule's exact result
+    diag(J^T diag(h) J) + sum_j g_j d2y_j/dx_i^2, and its Gauss-Newton part diag(J^T diag(h) J)."""
+    xf = x.detach().reshape(-1)
+    f = lambda v: fn(v.reshape(x.shape)).reshape(-1)  # noqa: E731
+    jac = torch.autograd.functional.jacobian(f, xf)
+    gn = (jac ** 2 * h_out.reshape(-1)[:, None]).sum(0)
+    hes = torch.autograd.functional.hessian(lambda v: (f(v) * g_out.reshape(-1)).sum(), xf)
+    return (gn + torch.diagonal(hes)).reshape(x.shape), gn.reshape(x.shape)
