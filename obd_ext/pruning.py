@@ -42,6 +42,7 @@ from torch import Tensor
 from torch.nn.utils import prune as torch_prune
 
 from .selection import Selection, prune_, select_scores
+from .selection_checks import check_sparsity
 from .sparse_export import FORMATS, Finalized, finalize_modules
 from .vocabulary import CURVATURE_METHODS, PRUNER_METHODS, SCOPES, check_method, check_pattern_sparsity, check_scope
 
@@ -234,36 +235,32 @@ class Pruner:
             The :class:`~obd_ext.Selection` (counts and the predicted loss increase).
         """
         check_method(method, PRUNER_METHODS, "Pruner.prune")
-        scope = check_scope(scope, SCOPES)
+        resolved_scope = check_scope(scope, SCOPES)
         sparsity = check_pattern_sparsity(pattern, sparsity)
         if sparsity is None:
             raise ValueError("sparsity: give the target fraction deleted (or an N:M pattern, which implies it)")
-        from .selection import check_sparsity
-
         sparsity = check_sparsity(sparsity)
-        if pattern == "unstructured" and scope == "global" and sparsity < self.sparsity - 0.5 / max(self._total, 1):
+        if pattern == "unstructured" and resolved_scope == "global" and sparsity < self.sparsity - 0.5 / max(self._total, 1):
             raise ValueError(f"sparsity={sparsity:g} is below the {self.sparsity:.6g} already deleted: a Pruner only "
                              "deletes more (sparsity is the total, not torch's fraction of what remains); call "
                              "revive() first to start over")
         weights = [self.params[k] for k in self.names]
         masks = [self.masks[k] for k in self.names]
         if method == "random":
-            if scope != "global" or pattern != "unstructured":
+            if resolved_scope != "global" or pattern != "unstructured":
                 raise ValueError("method='random' supports scope='global' with pattern='unstructured' only")
             scores = [torch.rand(w.shape, generator=generator).to(w.device) for w in weights]
             sel = select_scores(scores, sparsity=sparsity, masks=masks, names=self.names)
-            self._after_masks_changed(factor)
+            self._after_masks_changed(factor, weights_written=False)
             return sel
         if method in CURVATURE_METHODS:
             curv = self._curvature_list(method, curvature)
         else:  # magnitude: saliency w^2 / 2 orders like |w|
             curv = [torch.ones_like(w) for w in weights]
         with torch.no_grad():
-            sel = prune_(weights, curv, sparsity=None if pattern != "unstructured" else sparsity, scope=scope
-                         if pattern == "unstructured" else None, pattern=pattern, masks=masks, factor=factor,
+            sel = prune_(weights, curv, sparsity=sparsity, scope=scope, pattern=pattern, masks=masks, factor=factor,
                          names=self.names)
-        # The kernels wrote the weights (zeroed or scaled by factor); clear the optimizers' state there.
-        self._after_masks_changed(None if factor == 0.0 else factor, kernels_wrote=True)
+        self._after_masks_changed(factor, weights_written=True)
         return sel
 
     @property
@@ -296,20 +293,21 @@ class Pruner:
                 self._hooks.append(p.register_post_accumulate_grad_hook(
                     lambda param, name=name: self._mask_grad(name, param)))
 
-    def _after_masks_changed(self, factor: Optional[float], kernels_wrote: bool = False) -> None:
+    def _after_masks_changed(self, factor: Optional[float], weights_written: bool) -> None:
+        """After a selection: apply ``factor`` unless the kernels did, zero the optimizers' state at deletions."""
         self._refresh_deleted()
-        if not kernels_wrote:
-            self.apply_masks(factor)
-        else:
-            self.apply_masks(None)
-        if factor is not None and factor != 0.0:
-            self._weights_dirty = True
+        self.apply_masks(None if weights_written else factor)
+        # Deleted weights shrunk (or left, factor=None) are not zero yet: the next step zeroes them.
+        self._weights_dirty = factor != 0.0
         for opt in self._optimizers:
-            if isinstance(opt, torch.optim.LBFGS):
-                # LBFGS keeps flat histories of steps and gradient changes from
-                # before: its next direction would move deleted entries inside
-                # the step. A fresh history (the same as a restart) cannot.
-                opt.state.clear()
+            self._restart_lbfgs(opt)
+
+    def _restart_lbfgs(self, opt: torch.optim.Optimizer) -> None:
+        # LBFGS keeps flat histories of steps and gradient changes from before
+        # the masks: its next direction would move deleted entries inside the
+        # step. A fresh history (the same as a restart) cannot.
+        if isinstance(opt, torch.optim.LBFGS) and any((~m).any() for m in self.masks.values()):
+            opt.state.clear()
 
     @torch.no_grad()
     def apply_masks(self, factor: Optional[float] = 0.0) -> None:
@@ -344,8 +342,7 @@ class Pruner:
         self._optimizers.append(optimizer)
         self._hooks.append(optimizer.register_step_post_hook(lambda opt, args, kwargs: self._after_step(opt)))
         self.apply_masks(None)  # state built before attaching must not revive anything
-        if isinstance(optimizer, torch.optim.LBFGS) and any((~m).any() for m in self.masks.values()):
-            optimizer.state.clear()
+        self._restart_lbfgs(optimizer)
         return self
 
     def revive(self) -> None:

@@ -386,3 +386,18 @@ def test_bad_input_changes_nothing(case):
     with pytest.raises(error, match=word):
         call(model, pruner)
     _same(before, _snapshot(model, pruner, opt))
+
+
+@pytest.mark.parametrize("factor", [None, 0.5])
+def test_weights_left_or_shrunk_by_prune_are_zero_after_the_first_step(factor):
+    """factor=None leaves deleted weights and 0.5 shrinks them; a zero-preserving optimizer would keep
+    them at that value, so the first step after prune() zeroes them."""
+    model = _mlp()
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+    pruner = Pruner(model).attach(opt)
+    pruner.prune(0.5, method="magnitude", factor=factor)
+    assert any((model.get_parameter(k)[~m] != 0).any() for k, m in pruner.masks.items())
+    opt.zero_grad()
+    nn.functional.cross_entropy(model(torch.randn(8, 6)), torch.randint(0, 3, (8,))).backward()
+    opt.step()
+    assert all((model.get_parameter(k)[~m] == 0).all() for k, m in pruner.masks.items())
