@@ -120,32 +120,59 @@ def hutchinson(loss: Tensor, params: Dict[str, Tensor], samples: int, generator:
     """``mean over v of v * (H v)``, Rademacher v, by double backward."""
     names = list(params)
     tensors = [params[k] for k in names]
-    grads = torch.autograd.grad(loss, tensors, create_graph=True)
+    grads = _first_order(loss, tensors)
+    # unused tensors, and those the loss is linear in, have zero curvature; the draws
+    # are made for every tensor all the same, so results do not depend on which are
+    live = [i for i, g in enumerate(grads) if g is not None and g.grad_fn is not None]
     acc = [torch.zeros_like(t) for t in tensors]
     for _ in range(samples):
         vs = [torch.randint(0, 2, t.shape, generator=generator, device="cpu").to(t.device, t.dtype) * 2 - 1
               for t in tensors]
-        hv = torch.autograd.grad(grads, tensors, vs, retain_graph=True)
-        for a, v, h in zip(acc, vs, hv):
-            a += v * h
+        if not live:
+            continue
+        hv = torch.autograd.grad([grads[i] for i in live], [tensors[i] for i in live], [vs[i] for i in live],
+                                 retain_graph=True, allow_unused=True)
+        for i, h in zip(live, hv):
+            if h is not None:
+                acc[i] += vs[i] * h
     return {k: a / samples for k, a in zip(names, acc)}
+
+
+def _first_order(loss: Tensor, tensors: List[Tensor]) -> List[Optional[Tensor]]:
+    """d loss / d tensors with a graph; None for a tensor the loss does not use (an
+    untied embedding outside the forward): its curvature is 0."""
+    return list(torch.autograd.grad(loss, tensors, create_graph=True, allow_unused=True))
+
+
+def _hessian_rows(gf: Tensor, p: Tensor, s: int, e: int) -> Tensor:
+    """Rows s..e-1 of the Hessian block of p (flattened): one batched double backward,
+    or one backward per row where an operation has no batching rule for its double
+    backward (GroupNorm's)."""
+    n = gf.numel()
+    eye = torch.zeros(e - s, n, dtype=p.dtype, device=p.device)
+    eye[torch.arange(e - s), torch.arange(s, e)] = 1
+    try:
+        return torch.autograd.grad(gf, p, eye, retain_graph=True, is_grads_batched=True)[0].reshape(e - s, n)
+    except RuntimeError:
+        return torch.stack([torch.autograd.grad(gf, p, row, retain_graph=True)[0].reshape(n) for row in eye])
 
 
 def exact(loss: Tensor, params: Dict[str, Tensor], rows_per_pass: int = 256) -> Dict[str, Tensor]:
     """The Hessian's diagonal, row blocks of each parameter's Hessian at a time."""
     names = list(params)
     tensors = [params[k] for k in names]
-    grads = torch.autograd.grad(loss, tensors, create_graph=True)
+    grads = _first_order(loss, tensors)
     out = {}
     for name, p, g in zip(names, tensors, grads):
+        if g is None or g.grad_fn is None:  # unused, or the loss is linear in p
+            out[name] = torch.zeros_like(p)
+            continue
         gf = g.reshape(-1)
         n = gf.numel()
         diag = torch.empty(n, dtype=p.dtype, device=p.device)
         for s in range(0, n, rows_per_pass):
             e = min(n, s + rows_per_pass)
-            eye = torch.zeros(e - s, n, dtype=p.dtype, device=p.device)
-            eye[torch.arange(e - s), torch.arange(s, e)] = 1
-            rows = torch.autograd.grad(gf, p, eye, retain_graph=True, is_grads_batched=True)[0].reshape(e - s, n)
+            rows = _hessian_rows(gf, p, s, e)
             diag[s:e] = rows[torch.arange(e - s), torch.arange(s, e)]
         out[name] = diag.reshape(p.shape)
     return out

@@ -30,7 +30,7 @@ from torch import Tensor
 from .. import constants, ops
 from .naming import op_name
 
-__all__ = ["UnsupportedOpError", "Rule", "RULES", "SECOND_ORDER", "Ctx", "rule_for", "registry_entry",
+__all__ = ["UnsupportedOpError", "Rule", "RULES", "SECOND_ORDER", "second_order", "Ctx", "rule_for", "registry_entry",
            "saved_or_none"]
 
 Grads = List[Optional[Tensor]]
@@ -646,7 +646,8 @@ class Rule:
         apply: ``(node, g, h, ctx) -> (g_in, h_in)``, the squared-Jacobian rule
             (eq. 7) from the node's outputs to its inputs.
         second_order: ``apply`` uses the gradient at the node's output (an f''
-            term), so OBD must carry g down to it.
+            term), so OBD must carry g down to it; a callable ``node -> bool``
+            where that depends on the node.
         partials: for elementwise nodes, ``(node, live, second) -> (first
             partials per slot, second partials {(i, j): ...})``; elementwise
             regions (regions.py) compose them exactly. None: not elementwise.
@@ -657,7 +658,7 @@ class Rule:
 
     __slots__ = ("apply", "second_order", "partials", "param_use")
 
-    def __init__(self, apply: Optional[Callable], second_order: bool = False, partials: Optional[Callable] = None,
+    def __init__(self, apply: Optional[Callable], second_order: "bool | Callable" = False, partials: Optional[Callable] = None,
                  param_use: Optional[Callable] = None):
         self.apply, self.second_order, self.partials, self.param_use = apply, second_order, partials, param_use
 
@@ -700,8 +701,6 @@ RULES.update({
     "RsubBackward1": Rule(rsub, partials=_constant_partials(lambda n: -float(n._saved_alpha))),
     "NativeLayerNormBackward0": Rule(layer_norm, second_order=True, param_use=_layer_norm_use),
     "NativeBatchNormBackward0": Rule(batch_norm, param_use=_batch_norm_use),
-    # No sweep rule yet (obd/lm raise UnsupportedOpError); fisher handles its parameters.
-    "NativeGroupNormBackward0": Rule(None, param_use=_group_norm_use),
     "CudnnBatchNormBackward0": Rule(batch_norm),
     "AvgPool2DBackward0": Rule(avg_pool(2)),
     "AvgPool3DBackward0": Rule(avg_pool(3)),
@@ -709,8 +708,28 @@ RULES.update({
     "AdaptiveAvgPool3DBackward0": Rule(adaptive_avg_pool(3)),
 })
 
-# Derived from the registry, never kept by hand.
+# Rules for more layers (norms with batch statistics, resampling, index maps, ...):
+# their own module, entries of this one registry.
+from .rules_layers import LAYER_RULES  # noqa: E402  (it imports the helpers above)
+
+RULES.update(LAYER_RULES)
+# log_softmax and the losses' own nodes (the sweep starts at the scalar loss): rules_losses.py
+from .rules_losses import LOSS_RULES  # noqa: E402
+
+RULES.update(LOSS_RULES)
+
+# Derived from the registry, never kept by hand (a callable flag counts: see second_order).
 SECOND_ORDER = frozenset(name for name, r in RULES.items() if r.second_order)
+
+
+def second_order(node) -> bool:
+    """Whether the node's rule uses the gradient at its output (its f'' term); a
+    flag may depend on the node (BatchNorm: only with batch statistics)."""
+    rule = RULES.get(type(node).__name__)
+    if rule is None:
+        return False
+    flag = rule.second_order
+    return bool(flag(node)) if callable(flag) else flag
 
 
 def registry_entry(node) -> Optional[Rule]:

@@ -23,7 +23,8 @@ from torch import Tensor
 
 from .graph import REENTRANT_CHECKPOINT_NODES, reentrant_checkpoint_error
 from .regions import Region, apply_region, find_regions
-from .rules import SECOND_ORDER, Ctx, rule_for
+from .naming import op_name
+from .rules import Ctx, UnsupportedOpError, rule_for, second_order
 
 __all__ = ["sweep"]
 
@@ -43,19 +44,26 @@ def _fit(t: Optional[Tensor], shape) -> Optional[Tensor]:
 
 
 def sweep(root, output_nr: int, seed: List[Optional[Tensor]], lm: bool,
-          names: Dict[int, str]) -> Dict[str, Tensor]:
-    """Back-propagate (g, H) from the model output to the parameters.
+          names: Dict[int, str], model_root=None, loss_name: Optional[str] = None) -> Dict[str, Tensor]:
+    """Back-propagate (g, H) from the model output (or the loss) to the parameters.
 
     Args:
         root: the model output's ``grad_fn`` (the output tensor itself is not
-            needed, so the caller can free it: logits-sized at a large vocabulary).
+            needed, so the caller can free it: logits-sized at a large vocabulary),
+            or the scalar loss's (then the seed is g = 1, H = 0).
         output_nr: the output's ``output_nr``.
         seed: ``[g_out, h_out]``: dL/d output (needed for OBD's f'' terms; None
             for LM) and the diagonal of d2L/d output2 (the boundary condition).
             The list is emptied, so that once the output's node has been
             processed nothing holds these output-sized tensors.
-        lm: drop the f'' terms (Levenberg-Marquardt / Gauss-Newton).
+        lm: drop the f'' terms (Levenberg-Marquardt / Gauss-Newton) in the model.
         names: id(parameter) -> name, for the parameters wanted.
+        model_root: with ``root`` a loss: the node where the model ends (the
+            model output's ``grad_fn``). Nodes it reaches are the model's; the
+            others are the loss's, always swept with their f'' terms, so that
+            under ``lm`` what reaches the model output is the diagonal of the
+            loss's own Hessian there (losses.py, "Where the model ends").
+        loss_name: the loss, for errors raised in its nodes.
 
     Returns:
         name -> curvature of that parameter (summed over its uses and the batch).
@@ -84,7 +92,10 @@ def sweep(root, output_nr: int, seed: List[Optional[Tensor]], lm: bool,
     # units the sweep visits: single nodes, and elementwise regions (regions.py)
     # swept as one function of their inputs.
     order = _topological([root], lambda n: [c for c, _ in n.next_functions if c is not None], consumers)
+    loss_side = _loss_side(order, model_root) if model_root is not None else frozenset()
     regions = find_regions(order, consumers)
+    if lm and loss_side:  # a region is swept in one mode: one spanning loss and model is left to per-node rules
+        regions = [r for r in regions if len({n in loss_side for n in r.nodes}) == 1]
     while True:
         unit_of: Dict[object, object] = {node: node for node in order}
         for region in regions:
@@ -100,6 +111,9 @@ def sweep(root, output_nr: int, seed: List[Optional[Tensor]], lm: bool,
     # Which units need the first-order gradient at their outputs: those with an
     # f'' term (a region with a product or an f'') and those that pass g on to
     # one. Parameters never do, so OBD skips the weight gradients.
+    def unit_lm(unit) -> bool:
+        return lm and (unit.nodes[0] if isinstance(unit, Region) else unit) not in loss_side
+
     needs_g: Dict[object, bool] = {}
     for unit in reversed(units):
         if isinstance(unit, Region):
@@ -108,8 +122,8 @@ def sweep(root, output_nr: int, seed: List[Optional[Tensor]], lm: bool,
             if hasattr(unit, "variable"):
                 needs_g[unit] = False
                 continue
-            own, children = type(unit).__name__ in SECOND_ORDER, [c for c, _ in unit.next_functions if c is not None]
-        needs_g[unit] = not lm and (own or any(needs_g[unit_of[c]] for c in children))
+            own, children = second_order(unit), [c for c, _ in unit.next_functions if c is not None]
+        needs_g[unit] = not unit_lm(unit) and (own or any(needs_g[unit_of[c]] for c in children))
 
     deps: Dict[object, int] = defaultdict(int)
     for child, cons in consumers.items():
@@ -143,6 +157,7 @@ def sweep(root, output_nr: int, seed: List[Optional[Tensor]], lm: bool,
                 for nr, gh in buffers.pop(node, {}).items():
                     outs[(node, nr)] = gh
             if any(h is not None for _, h in outs.values()):
+                ctx.lm = unit_lm(unit)
                 res = apply_region(unit, outs, ctx, {src: needs_g[unit_of[src[0]]] for src in unit.inputs})
             else:
                 res = {}
@@ -170,7 +185,8 @@ def sweep(root, output_nr: int, seed: List[Optional[Tensor]], lm: bool,
             g_in, h_in = (None,) * len(children), (None,) * len(children)
         else:
             ctx.g_wanted = [child is not None and needs_g[unit_of[child]] for child, _ in children]
-            g_in, h_in = rule_for(node)(node, g, h, ctx)
+            ctx.lm = unit_lm(node)
+            g_in, h_in = _rule(node, loss_name if node in loss_side else None)(node, g, h, ctx)
         del g, h
         for (child, idx), gi, hi in zip(children, g_in, h_in):
             if child is None:
@@ -178,6 +194,34 @@ def sweep(root, output_nr: int, seed: List[Optional[Tensor]], lm: bool,
             send(child, idx, gi, hi)
             done(child)
     return results
+
+
+def _loss_side(order: List[object], model_root) -> frozenset:
+    """The nodes the model output's node does not reach: the loss's own."""
+    if model_root not in set(order):
+        raise ValueError("obd_ext curvature: the loss does not depend on the model output (was it detached?)")
+    model = {model_root}
+    stack = [model_root]
+    while stack:
+        for child, _ in stack.pop().next_functions:
+            if child is not None and child not in model:
+                model.add(child)
+                stack.append(child)
+    return frozenset(n for n in order if n not in model)
+
+
+def _rule(node, loss_name: Optional[str]):
+    """The node's rule; in the loss, an unsupported op is an error naming the loss."""
+    try:
+        return rule_for(node)
+    except UnsupportedOpError as e:
+        if loss_name is None:
+            raise
+        name = type(node).__name__
+        raise UnsupportedOpError(
+            f"obd_ext curvature: the loss {loss_name} uses {op_name(name)} (the autograd node {name}), which has "
+            "no second-order rule; write the loss from supported ops, or use method='hutchinson' (any loss) or "
+            "'exact' (small models)") from e
 
 
 def _topological(roots: List[object], children, consumers) -> List[object]:
