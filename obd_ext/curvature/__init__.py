@@ -135,9 +135,20 @@ def _selected(model: nn.Module, params) -> Dict[str, Tensor]:
 
 
 def as_batches(data) -> Iterable[Tuple[Tensor, Tensor]]:
-    """Data given as one (inputs, targets) pair or as an iterable of such batches."""
+    """Data given as one (inputs, targets) pair or as an iterable of such batches.
+
+    A map-style ``Dataset`` (e.g. ``TensorDataset``) yields single samples
+    without their batch dimension: iterating it as batches would feed the model
+    a wrongly shaped input (or, worse, a sample's features as a batch), so it is
+    an error that says how to batch it.
+    """
     if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, Tensor) for t in data):
         return [tuple(data)]
+    if isinstance(data, torch.utils.data.Dataset) and not isinstance(data, torch.utils.data.IterableDataset):
+        raise TypeError(f"data: got a {type(data).__name__}, which yields single samples; pass batches instead, "
+                        f"e.g. torch.utils.data.DataLoader(data, batch_size=64), or one (inputs, targets) pair")
+    if isinstance(data, Tensor):
+        raise TypeError(f"data: got a single tensor of shape {tuple(data.shape)}; pass (inputs, targets) batches")
     return data
 
 
@@ -278,6 +289,9 @@ def hessian_diag(model: nn.Module, loss_fn, data, method: str = "obd", reduction
     """
     _check_method(method)
     _check_reduction(reduction)
+    if not callable(loss_fn):
+        raise TypeError(f"loss_fn: expected a callable loss such as nn.CrossEntropyLoss(), got a "
+                        f"{type(loss_fn).__name__}; the order is hessian_diag(model, loss_fn, data, ...)")
     if not isinstance(samples, int) or samples < 1:
         raise ValueError(f"samples must be a positive integer, got {samples!r}")
     selected = _selected(model, params)
