@@ -114,3 +114,115 @@ def test_norm_layer_parameters_under_the_loss(layer):
         got = hessian_diag(model, nn.MSELoss(), (x, t), method=method, progress=False)
         for k in names:
             torch.testing.assert_close(got[k], ex[k], rtol=1e-9, atol=1e-12)
+
+
+# ---------------------------------------------------------------------------
+# Resampling, index maps, reductions with ties, where
+# ---------------------------------------------------------------------------
+
+_IDX = torch.tensor([[[2, 0], [1, 1], [0, 0]], [[1, 2], [2, 2], [0, 1]]])  # 2 x 3 x 2, into dim 1 of size 3
+
+MAPS = {
+    "nearest": (lambda v: F.interpolate(v, scale_factor=2), (2, 2, 3, 2)),
+    "nearest_size": (lambda v: F.interpolate(v, size=(5, 3)), (2, 2, 3, 2)),
+    "nearest_exact": (lambda v: F.interpolate(v, size=(5, 3), mode="nearest-exact"), (2, 2, 3, 2)),
+    "bilinear": (lambda v: F.interpolate(v, scale_factor=2, mode="bilinear"), (2, 2, 3, 2)),
+    "bilinear_align": (lambda v: F.interpolate(v, size=(5, 4), mode="bilinear", align_corners=True), (2, 2, 3, 2)),
+    "bilinear_down_aa": (lambda v: F.interpolate(v, size=(2, 3), mode="bilinear", antialias=True), (1, 2, 5, 4)),
+    "bicubic": (lambda v: F.interpolate(v, scale_factor=1.5, mode="bicubic"), (1, 2, 3, 4)),
+    "linear": (lambda v: F.interpolate(v, size=7, mode="linear"), (2, 2, 4)),
+    "trilinear": (lambda v: F.interpolate(v, scale_factor=2, mode="trilinear"), (1, 1, 2, 3, 2)),
+    "pixel_shuffle": (lambda v: F.pixel_shuffle(v, 2), (2, 4, 2, 3)),
+    "pixel_unshuffle": (lambda v: F.pixel_unshuffle(v, 2), (2, 1, 4, 2)),
+    "gather": (lambda v: v.gather(1, _IDX), (2, 3, 2)),
+    "index_select": (lambda v: v.index_select(1, torch.tensor([2, 0, 2, 1])), (2, 3, 2)),
+    "as_strided": (lambda v: v.as_strided((3, 3), (2, 1)), (2, 4)),  # overlapping windows
+    "unsafe_split": (lambda v: v.unsafe_split(2, 1)[1], (2, 4, 3)),
+    "amax": (lambda v: v.amax(1), (2, 3, 4)),
+    "amin_keepdim": (lambda v: v.amin((0, 2), keepdim=True), (2, 3, 4)),
+    "max_all": (lambda v: v.max(), (2, 3)),
+    "max_dim": (lambda v: v.max(1)[0], (2, 3, 4)),
+    "min_dim": (lambda v: v.min(2)[0], (2, 3, 4)),
+    "adaptive_max_pool1d": (lambda v: F.adaptive_max_pool1d(v, 3), (2, 2, 7)),
+    "where": (lambda v: torch.where(v > 0, v, 0.0), (2, 3, 2)),
+}
+
+
+def _with_ties(x: torch.Tensor) -> torch.Tensor:
+    """Every other entry rounded to -0.5 or 0.5: reductions meet ties (the gradient is shared)."""
+    x = x.clone()
+    flat = x.reshape(-1)
+    flat[::2] = torch.where(flat[::2] > 0, 0.5, -0.5)
+    return x
+
+
+@pytest.mark.parametrize("op", list(MAPS))
+def test_linear_maps(op):
+    fn, shape = MAPS[op]
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(2))
+    if op.startswith(("amax", "amin", "max_all")):
+        x = _with_ties(x)
+        assert (x == 0.5).sum() > 1
+    y = fn(x.requires_grad_())
+    one_node = all(c is None or hasattr(c, "variable") for c, _ in y.grad_fn.next_functions)
+    if one_node and len(y.grad_fn._input_metadata) == 1:  # the harness feeds one output
+        check_rule(fn, x)
+    # the scale s keeps the ties of x0 only where it is 1: ties of the reductions are met by x0 = 0 in s * x0
+    x0 = x.detach().clone()
+    if op.startswith(("amax", "amin", "max_all")):
+        x0[x0.abs() == 0.5] = 0.0
+    check_scaled(fn, shape, x0=x0)
+
+
+def test_where_in_an_elementwise_region():
+    """where(x > 0, x, 0.1 x): x enters twice, a leaky ReLU written out (its second
+    derivative is 0: obd and lm are both the exact diagonal)."""
+    check_scaled(lambda v: torch.sigmoid(torch.where(v > 0, v, 0.1 * v)) * v, (3, 4))
+
+
+@pytest.mark.parametrize("mode", ["sum", "mean", "max", "sum_weighted", "mean_padding"])
+def test_embedding_bag(mode):
+    torch.manual_seed(0)
+    bag = nn.EmbeddingBag(7, 3, mode=mode.split("_")[0], padding_idx=0 if "padding" in mode else None)
+    ids = torch.tensor([1, 2, 4, 1, 0, 5, 6, 1, 0])
+    offsets = torch.tensor([0, 3, 5, 5])  # one empty bag
+    psw = torch.rand(9) + 0.5 if "weighted" in mode else None
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bag = bag
+
+        def forward(self, x):
+            return self.bag(x, offsets, per_sample_weights=psw)
+
+    class Composite(nn.Module):
+        """The same bags from differentiable ops (embedding_bag has no double backward)."""
+
+        def __init__(self):
+            super().__init__()
+            self.bag = bag
+
+        def forward(self, x):
+            rows = self.bag.weight[x] * (psw.unsqueeze(1) if psw is not None else 1.0)
+            keep = (x != 0) if "padding" in mode else torch.ones_like(x, dtype=torch.bool)
+            which = torch.repeat_interleave(torch.arange(4), torch.diff(offsets, append=torch.tensor([len(x)])))
+            out = []
+            for b in range(4):
+                sel = rows[(which == b) & keep]
+                if len(sel) == 0:
+                    out.append(torch.zeros(3))
+                elif mode.startswith("max"):
+                    out.append(sel.max(0)[0])
+                else:
+                    out.append(sel.mean(0) if mode.startswith("mean") else sel.sum(0))
+            return torch.stack(out)
+
+    model = Model()
+    t = torch.randn(4, 3)
+    torch.testing.assert_close(Composite()(ids), model(ids))
+    ex = hessian_diag(Composite(), nn.MSELoss(), (ids, t), method="exact", progress=False)["bag.weight"]
+    for method in ("obd", "lm"):
+        got = hessian_diag(model, nn.MSELoss(), (ids, t), method=method, progress=False)["bag.weight"]
+        torch.testing.assert_close(got, ex, rtol=1e-9, atol=1e-12)
+    assert ex.abs().sum() > 0

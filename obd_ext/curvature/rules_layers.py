@@ -142,18 +142,21 @@ _RESAMPLE = {
 }
 
 
-def _axis_matrix(op, nd: int, axis: int, size_in: int, size_out: int, align: bool, scale, like: Tensor) -> Tensor:
-    """The op's 1-d interpolation matrix along ``axis`` (out x in): the op applied to an
-    identity laid out along that axis (size 1, scale None on the other axes: weight 1)."""
-    spatial = [1] * nd
-    spatial[axis] = size_in
-    eye = torch.eye(size_in, dtype=like.dtype, device=like.device).reshape([1, size_in] + spatial)
-    out_size = [1] * nd
-    out_size[axis] = size_out
-    scales = [None] * nd
-    scales[axis] = scale
-    res = op(eye, out_size, align, *scales)  # 1 x in x (out along axis)
-    return res.reshape(size_in, size_out).t()
+def _axis_matrix(op, axis: int, sizes_in, sizes_out, align: bool, scales, like: Tensor) -> Tensor:
+    """The op's 1-d interpolation matrix along ``axis`` (out x in): the op, with the
+    node's own sizes and scales, applied to one-hot inputs along that axis that are
+    constant along the others (interpolation weights sum to 1 along every axis, so
+    any position on the other axes reads the matrix)."""
+    nd = len(sizes_in)
+    n = sizes_in[axis]
+    onehot = torch.eye(n, dtype=like.dtype, device=like.device)
+    shape = [n, 1] + [1] * nd
+    shape[2 + axis] = n
+    x = onehot.reshape(shape).expand([n, 1] + list(sizes_in)).contiguous()
+    res = op(x, list(sizes_out), align, *scales)  # n x 1 x out
+    pick = [slice(None), 0] + [0] * nd
+    pick[2 + axis] = slice(None)
+    return res[tuple(pick)].t()
 
 
 def resample(name: str) -> Callable:
@@ -165,9 +168,9 @@ def resample(name: str) -> Callable:
         sizes_out = [int(s) for s in node._saved_output_size]
         align = bool(node._saved_align_corners)
         hh = h[0]
+        scales = [getattr(node, name) for name in scale_names]
         for k in range(nd):
-            scale = getattr(node, scale_names[k])
-            a = _axis_matrix(op, nd, k, sizes_in[k], sizes_out[k], align, scale, hh)
+            a = _axis_matrix(op, k, sizes_in, sizes_out, align, scales, hh)
             dim = hh.dim() - nd + k
             hh = (hh.movedim(dim, -1) @ (a * a)).movedim(-1, dim)
         g_in = _call(node, g)[0] if ctx.need_g and g[0] is not None else None
