@@ -226,3 +226,66 @@ def test_embedding_bag(mode):
         got = hessian_diag(model, nn.MSELoss(), (ids, t), method=method, progress=False)["bag.weight"]
         torch.testing.assert_close(got, ex, rtol=1e-9, atol=1e-12)
     assert ex.abs().sum() > 0
+
+
+# ---------------------------------------------------------------------------
+# RMS normalisation: nn.RMSNorm, F.rms_norm and the hand-written forms
+# ---------------------------------------------------------------------------
+
+
+class LlamaStyleRMSNorm(nn.Module):
+    """Llama's RMSNorm as transformers writes it (without the float32 cast)."""
+
+    def __init__(self, d: int, eps: float = 1e-6, form: str = "rsqrt"):
+        super().__init__()
+        self.weight = nn.Parameter(torch.linspace(0.5, 2.0, d))
+        self.eps, self.form = eps, form
+
+    def forward(self, x):
+        if self.form == "rsqrt":
+            return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps))
+        if self.form == "div":  # x / sqrt(mean(x * x))
+            return self.weight * (x / torch.sqrt((x * x).mean(-1, keepdim=True) + self.eps))
+        # a cast to float32 and back around the statistics, as transformers' Llama does
+        h = x.to(torch.float32)
+        h = h * torch.rsqrt(h.square().mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+RMS = {
+    "nn.RMSNorm": lambda: nn.RMSNorm(5, elementwise_affine=True),
+    "F.rms_norm_2d": lambda: (lambda v: F.rms_norm(v, (2, 5), eps=1e-5)),
+    "llama": lambda: LlamaStyleRMSNorm(5),
+    "div": lambda: LlamaStyleRMSNorm(5, form="div"),
+}
+
+
+@pytest.mark.parametrize("form", list(RMS))
+def test_rms_norm_exact(form):
+    """The layer below an RMS norm was up to 3.4x off (per-node rules drop the
+    cross terms through the mean); the unit's closed form is exact."""
+    norm = RMS[form]()
+    if isinstance(norm, nn.RMSNorm):
+        with torch.no_grad():
+            norm.weight.copy_(torch.linspace(0.5, 2.0, 5))
+    check_scaled(norm, (3, 2, 5))
+
+
+def test_rms_norm_weight_and_cast():
+    """The weight under the loss is exact; with the float32 cast the unit still
+    matches (to float32 rounding) and the input gets the float64 dtype back."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), LlamaStyleRMSNorm(5, form="cast"))
+    x, t = torch.randn(6, 4), torch.randn(6, 5)
+    ex = hessian_diag(model, nn.MSELoss(), (x, t), method="exact", progress=False)
+    for method in ("obd", "lm"):
+        got = hessian_diag(model, nn.MSELoss(), (x, t), method=method, progress=False)
+        assert got["0.weight"].dtype == torch.float64
+        torch.testing.assert_close(got["1.weight"], ex["1.weight"], rtol=1e-5, atol=1e-7)
+    got = hessian_diag(model, nn.MSELoss(), (x, t), method="obd", progress=False)
+    # the Linear's bias: per-entry exactness does not hold (shared over rows), but the
+    # cross terms through the mean are there: within 1e-5 of a float64 run of the same unit
+    ref = nn.Sequential(model[0], LlamaStyleRMSNorm(5))
+    ref[1].weight = model[1].weight
+    want = hessian_diag(ref, nn.MSELoss(), (x, t), method="obd", progress=False)
+    torch.testing.assert_close(got["0.bias"], want["0.bias"], rtol=1e-5, atol=1e-7)

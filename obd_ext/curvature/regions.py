@@ -36,9 +36,10 @@ What is still dropped (the diagonal approximation of the paper, eq. 7):
     * cross terms between different region outputs (H at the outputs is
       carried as a diagonal);
     * paths that leave the elementwise nodes and rejoin: a residual block
-      ``x + f(W x)``, RMSNorm's ``x * rsqrt(mean(x^2))`` (through the mean), a
-      gate ``x * sigmoid(W x)``: the product at the join is treated as having
-      independent inputs there, as every non-elementwise node's inputs are;
+      ``x + f(W x)``, a gate ``x * sigmoid(W x)``: the product at the join is
+      treated as having independent inputs there, as every non-elementwise
+      node's inputs are (RMSNorm's ``x * rsqrt(mean(x^2) + eps)``, which rejoins
+      through the mean, is recognised and swept exactly: patterns.py);
     * cross terms between the entries of one tensor (broadcast parameters
       summed over positions, shared weights) as everywhere in the sweep;
     * a region that a path leaves and re-enters through a non-elementwise node
@@ -117,10 +118,15 @@ def find_regions(order: Sequence[object], consumers: Dict[object, List[Tuple[obj
         order: every node, consumers before producers (the sweep's order).
         consumers: node -> [(consumer node, input slot)] over all its outputs.
     """
+    from .patterns import find_rms_norms  # it builds on Region
+
+    # RMS norms written out (x * rsqrt(mean(x^2) + eps)) are units of their own (patterns.py)
+    units: List[Region] = find_rms_norms(order, consumers)
+    taken = set().union(*(u.members for u in units)) if units else set()
     pos = {node: i for i, node in enumerate(reversed(order))}  # producers first
-    ew = {node for node in order if _elementwise(node)}
+    ew = {node for node in order if node not in taken and _elementwise(node)}
     if not ew:
-        return []
+        return units
     # Sources: tensors used by two or more elementwise inputs.
     uses: Dict[Edge, int] = {}
     for node in ew:
@@ -129,7 +135,7 @@ def find_regions(order: Sequence[object], consumers: Dict[object, List[Tuple[obj
                 uses[(child, nr)] = uses.get((child, nr), 0) + 1
     sources = {src for src, count in uses.items() if count >= 2}
     if not sources:
-        return []
+        return units
     # One pass, producers first: the sources each elementwise node depends on
     # through elementwise paths, and the joins (two inputs depending on one source).
     depends: Dict[object, frozenset] = {}
@@ -181,7 +187,7 @@ def find_regions(order: Sequence[object], consumers: Dict[object, List[Tuple[obj
     groups: Dict[object, List[object]] = {}
     for n in parent:
         groups.setdefault(find(n), []).append(n)
-    return [Region(sorted(nodes, key=pos.__getitem__)) for nodes in groups.values()]
+    return units + [Region(sorted(nodes, key=pos.__getitem__)) for nodes in groups.values()]
 
 
 def _scale(a, b):
@@ -241,6 +247,8 @@ def apply_region(region: Region, buffers: Dict[Edge, Tuple[Optional[Tensor], Opt
         input -> (g or None, H), each of the shape where the region uses it (the
         sweep sums broadcast results to the input's shape).
     """
+    if hasattr(region, "apply"):  # a unit with its own closed form (patterns.py)
+        return region.apply(buffers, ctx, g_wanted)
     second = not ctx.lm
     outputs = [(n, buffers[(n, 0)]) for n in region.nodes if (n, 0) in buffers and buffers[(n, 0)][1] is not None]
     live_cache: Dict[object, Tuple[Tuple[bool, ...], object]] = {}
