@@ -32,6 +32,7 @@ __all__ = [
     "squared_mm",
     "column_sq_sum",
     "squared_conv",
+    "obs_prune",
 ]
 
 # The shared facts live in obd_ext.constants (production code never imports this oracle).
@@ -399,3 +400,72 @@ def squared_conv(h: Tensor, input: Tensor, weight: Tensor, bias_sizes, stride, p
     if output_mask[2] and bias_sizes is not None:
         out[2] = h.sum(dim=[d for d in range(h.dim()) if d != 1])
     return tuple(out)
+
+
+def obs_prune(weight: Tensor, gram: Tensor, *, sparsity: Optional[float] = None, pattern: str = "unstructured",
+              scope: str = "row", blocksize: int = 128, damp: float = 0.01) -> tuple:
+    """Layer-wise Optimal Brain Surgeon, one column at a time from the textbook formula, in float64.
+
+    The oracle of ``obd_ext.layerwise.surgeon.obs_prune_`` (same arguments,
+    same deletion rules; see that module). No Cholesky factor and no lazy
+    updates: at column ``i`` the free set is ``F = {i, ..., n-1}``, ``H_F^-1``
+    is computed by inverting ``H[F, F]``, the saliency of column ``j`` is
+    ``w_j^2 / [H_{F_j}^-1]_jj``, and settling column ``i`` to ``q`` moves the
+    row's free weights by ``-(w_i - q) / [H_F^-1]_ii * H_F^-1 e_i`` at once.
+
+    Returns:
+        (new weight [float64], keep mask, predicted increase: the sum of
+        ``(w_i - q)^2 / (2 [H_F^-1]_ii)`` over live inputs).
+    """
+    w = weight.detach().double().clone()
+    rows, n = w.shape
+    h = 2 * gram.double()
+    dead = h.diagonal() == 0
+    lam = damp * float(h.diagonal()[~dead].mean()) if bool((~dead).any()) else 0.0
+    h = h + lam * torch.eye(n, dtype=torch.float64)
+    h[dead, dead] = max(lam, 1.0)
+    nm = None if pattern == "unstructured" else tuple(int(v) for v in pattern.split(":"))
+    if nm is not None:
+        sparsity = 1 - nm[0] / nm[1]
+    inv_diag = torch.stack([torch.linalg.inv(h[j:, j:])[0, 0] for j in range(n)]) if n else h.new_zeros(0)
+
+    def saliency(cols: slice) -> Tensor:
+        s = w[:, cols].square() / inv_diag[cols]
+        return torch.where(dead[cols], torch.zeros_like(s), s)
+
+    def due(k: int, end: int) -> int:  # round(k * end / n), halves up
+        return math.floor(k * end / n + 0.5)
+
+    keep = torch.ones_like(w, dtype=torch.bool)
+    k_row = round(sparsity * n) if nm is None else 0
+    k_layer = round(sparsity * rows * n) if nm is None else 0
+    loss = 0.0
+    for i in range(n):
+        if nm is None and i % blocksize == 0:
+            end = min(i + blocksize, n)
+            s = saliency(slice(i, end))
+            if scope == "row":
+                kb = due(k_row, end) - due(k_row, i)
+                for r in range(rows):
+                    order = sorted(range(end - i), key=lambda j: (float(s[r, j]), j))
+                    for j in order[:kb]:
+                        keep[r, i + j] = False
+            else:
+                kb = due(k_layer, end) - due(k_layer, i)
+                flat = [(float(s[r, j]), r * (end - i) + j, r, j) for r in range(rows) for j in range(end - i)]
+                for _, _, r, j in sorted(flat)[:kb]:
+                    keep[r, i + j] = False
+        if nm is not None and i % nm[1] == 0:
+            s = saliency(slice(i, i + nm[1]))
+            for r in range(rows):
+                order = sorted(range(nm[1]), key=lambda j: (float(s[r, j]), j))
+                for j in order[:nm[1] - nm[0]]:
+                    keep[r, i + j] = False
+        hinv = torch.linalg.inv(h[i:, i:])
+        q = torch.where(keep[:, i], w[:, i], torch.zeros_like(w[:, i]))
+        step = (w[:, i] - q) / hinv[0, 0]
+        if not bool(dead[i]):
+            loss += float(((w[:, i] - q).square() / (2 * hinv[0, 0])).sum())
+        w[:, i:] -= step[:, None] * hinv[0][None, :]
+        w[:, i] = q
+    return w, keep, loss

@@ -49,12 +49,17 @@ class Method:
         summary: one line for ``--help`` and the docs.
         cost: what it costs, in plain words.
         needs_curvature: the saliency is ``h w^2 / 2`` from a curvature estimate.
+        statistics: for layer-wise methods, the calibration statistics each
+            linear input needs: None (no calibration pass at all),
+            ``"diagonal"`` (``sum_n x_nj^2``) or ``"gram"`` (the full
+            ``X^T X``).
     """
 
     name: str
     summary: str
     cost: str
     needs_curvature: bool
+    statistics: Optional[str] = None
 
 
 METHODS: Dict[str, Method] = {m.name: m for m in (
@@ -74,14 +79,18 @@ METHODS: Dict[str, Method] = {m.name: m for m in (
     Method("random", "uniformly random (a baseline)", "free", False),
     Method("layerwise-obd", "layer-wise OBD: each layer's reconstruction Hessian diagonal, "
            "h_ij = 2 sum_n x_nj^2 (Wanda's score), block by block",
-           "one forward of the calibration data per block", True),
+           "one forward of the calibration data per block", True, "diagonal"),
+    Method("layerwise-obs", "layer-wise Optimal Brain Surgeon (SparseGPT's sweep): deletions chosen and the kept "
+           "weights of each row updated from the layer's full reconstruction Hessian 2 X^T X",
+           "one forward of the calibration data per block, an X^T X per linear input and a Cholesky "
+           "factorisation plus one column sweep per layer", True, "gram"),
 )}
 
 # The subsets each entry point accepts.
 CURVATURE_METHODS: Tuple[str, ...] = ("obd", "lm", "fisher", "ggn-mc", "hutchinson", "exact")
 PRUNER_METHODS: Tuple[str, ...] = CURVATURE_METHODS + ("magnitude", "random")
-LAYERWISE_METHODS: Tuple[str, ...] = ("layerwise-obd", "magnitude")
-LLM_METHODS: Tuple[str, ...] = ("layerwise-obd", "magnitude", "obd", "lm", "fisher")
+LAYERWISE_METHODS: Tuple[str, ...] = ("layerwise-obd", "layerwise-obs", "magnitude")
+LLM_METHODS: Tuple[str, ...] = ("layerwise-obd", "layerwise-obs", "magnitude", "obd", "lm", "fisher")
 
 # Where to go for a method an entry point does not take.
 _HOMES = {

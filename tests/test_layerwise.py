@@ -185,7 +185,8 @@ def test_vocabulary_defaults_and_conflicts():
         prune_layerwise(model, batches, pattern="2:4", scope="layer")
     with pytest.raises(ValueError, match=r"method='obd' is not accepted by prune_layerwise .*obd_ext.hessian_diag"):
         prune_layerwise(model, batches, method="obd")
-    with pytest.raises(ValueError, match=r"method must be one of \('layerwise-obd', 'magnitude'\).*got 'layerwise'"):
+    with pytest.raises(ValueError, match=r"method must be one of \('layerwise-obd', 'layerwise-obs', "
+                                         r"'magnitude'\).*got 'layerwise'"):
         prune_layerwise(model, batches, method="layerwise")
     with pytest.raises(TypeError):
         prune_layerwise(model, batches, criterion="obd")  # the old keyword is gone, not silently accepted

@@ -1,11 +1,14 @@
-"""Layer-wise OBD one transformer block at a time.
+"""Layer-wise pruning (OBD, the Optimal Brain Surgeon, magnitude) one transformer block at a time.
 
 The order of SparseGPT and Wanda: capture the inputs of the first block for
 the calibration set, then for each block
 
 1. run the calibration activations through it, accumulating ``sum_n x_nj^2``
-   at the input of every linear layer (:class:`CalibrationStats`);
-2. prune its layers by layer-wise OBD saliency ``w_ij^2 sum_n x_nj^2``;
+   at the input of every linear layer (:class:`CalibrationStats`), or the
+   full ``X^T X`` for the surgeon (:class:`GramStats`);
+2. prune its layers by layer-wise OBD saliency ``w_ij^2 sum_n x_nj^2``, or by
+   the surgeon's sweep, which also updates the kept weights
+   (:func:`~obd_ext.layerwise.surgeon.obs_prune_`);
 3. run the activations through the *pruned* block: they become the next
    block's inputs, so later blocks are calibrated on what they will see.
 
@@ -33,9 +36,10 @@ from torch import Tensor
 
 from ..ops import saliency
 from ..selection import check_sparsity, prune_layers_, prune_nm_, prune_rows_, select_global
-from ..vocabulary import (LAYERWISE_METHODS, LAYERWISE_SCOPES, check_method, check_pattern_sparsity, check_scope,
-                          parse_pattern)
-from .stats import CalibrationStats, prunable_layers, weight_rows
+from ..vocabulary import (LAYERWISE_METHODS, LAYERWISE_SCOPES, METHODS, check_method, check_pattern_sparsity,
+                          check_scope, parse_pattern)
+from .stats import CalibrationStats, GramStats, is_hf_conv1d, prunable_layers, weight_rows
+from .surgeon import DEFAULT_BLOCKSIZE, DEFAULT_DAMP, obs_prune_
 
 __all__ = ["DEFAULT_SPARSITY", "resolve_sparsity", "resolve_scope", "find_blocks", "capture_block_inputs",
            "block_hidden_states", "next_block_inputs", "forward_blockwise", "prune_by_saliency_", "prune_layerwise",
@@ -395,36 +399,127 @@ def _prune_by_saliency(layers: Dict[str, nn.Module], curvatures: Optional[Dict[s
             for n, w, s in zip(names, weights, sels)]
 
 
-@torch.no_grad()
-def _prune_block(block: nn.Module, inputs, sparsity: float, pattern: str, scope: Optional[str], method: str,
-                 skip: Iterable[str], process_group) -> Tuple[Dict[str, nn.Module], List[LayerReport], int]:
-    """Statistics over the calibration inputs, then pruning, of one block; returns layers, reports, rows seen."""
-    layers = prunable_layers(block, skip)
-    if method == "magnitude":
-        return layers, _prune_by_saliency(layers, None, sparsity, pattern, scope), 0
-    with CalibrationStats(layers) as stats:
+def _input_stages(block: nn.Module, layers: Dict[str, nn.Module], inputs) -> List[List[str]]:
+    """The block's layers in the order the first calibration batch reaches them, those fed one tensor together."""
+    stages: List[List[str]] = []
+    seen: set = set()
+    last: List[Any] = [None]
+
+    def hook(name: str, x: Tensor) -> None:
+        if name not in seen:
+            seen.add(name)
+            if last[0] is x and stages:
+                stages[-1].append(name)
+            else:
+                stages.append([name])
+        last[0] = x
+
+    handles = [m.register_forward_pre_hook(lambda mod, args, name=name: hook(name, args[0]))
+               for name, m in layers.items()]
+    try:
+        args, kwargs = inputs[0]
+        block(*args, **kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+    missing = [n for n in layers if n not in seen]
+    if missing:
+        raise RuntimeError(f"no calibration inputs reached layer(s) {missing} of the block")
+    return stages
+
+
+def _collect(kind: str, block: nn.Module, layers: Dict[str, nn.Module], inputs, process_group):
+    """The statistics ``kind`` ("diagonal" or "gram") of ``layers`` over every calibration input of ``block``."""
+    # float64 models are calibrated (and pruned) in float64, all others in float32
+    acc = torch.float64 if any(m.weight.dtype == torch.float64 for m in layers.values()) else torch.float32
+    stats = GramStats(layers, acc) if kind == "gram" else CalibrationStats(layers, acc)
+    with stats:
         for args, kwargs in inputs:
             block(*args, **kwargs)
     if process_group is not None:  # data-parallel calibration: every rank sees the sums of all ranks
         from ..distributed import all_reduce_tensors
 
         all_reduce_tensors(stats.tensors(), op="sum", group=None if process_group is True else process_group)
-    curvatures = {n: stats.curvature(n).contiguous() for n in layers}
-    return (layers, _prune_by_saliency(layers, curvatures, sparsity, pattern, scope),
-            max(stats.rows.values(), default=0))
+    return stats
+
+
+def _prune_with(stats, layers: Dict[str, nn.Module], sparsity: float, pattern: str, scope: str, method: str,
+                blocksize: int, damp: float) -> List[LayerReport]:
+    if METHODS[method].statistics == "diagonal":
+        curvatures = {n: stats.curvature(n).contiguous() for n in layers}
+        return _prune_by_saliency(layers, curvatures, sparsity, pattern, scope)
+    reports = []
+    for n, m in layers.items():
+        w = weight_rows(m)
+        r = obs_prune_(w, stats.gram(n), sparsity=sparsity, pattern=pattern, scope=scope, blocksize=blocksize,
+                       damp=damp, dtype=torch.float64 if w.dtype == torch.float64 else torch.float32, name=n)
+        reports.append(LayerReport(n, list(w.shape), r.deleted, w.numel(), r.predicted_increase))
+    return reports
+
+
+@torch.no_grad()
+def _prune_block(block: nn.Module, inputs, sparsity: float, pattern: str, scope: Optional[str], method: str,
+                 skip: Iterable[str], process_group, blocksize: int = DEFAULT_BLOCKSIZE, damp: float = DEFAULT_DAMP,
+                 sequential: bool = False) -> Tuple[Dict[str, nn.Module], List[LayerReport], int]:
+    """Statistics over the calibration inputs, then pruning, of one block; returns layers, reports, rows seen.
+
+    With ``sequential``, the layers fed one tensor are pruned together, stage
+    after stage in the order the block calls them, each stage's statistics
+    collected with the stages before it already pruned (one forward of the
+    calibration data per stage).
+    """
+    layers = prunable_layers(block, skip)
+    kind = METHODS[method].statistics
+    if kind is None:
+        return layers, _prune_by_saliency(layers, None, sparsity, pattern, scope), 0
+    stages = _input_stages(block, layers, inputs) if sequential else [list(layers)]
+    by_name: Dict[str, LayerReport] = {}
+    rows = 0
+    for stage in stages:
+        part = {n: layers[n] for n in stage}
+        stats = _collect(kind, block, part, inputs, process_group)
+        rows = max(rows, max(stats.rows.values(), default=0))
+        by_name.update((r.name, r) for r in _prune_with(stats, part, sparsity, pattern, scope, method, blocksize,
+                                                        damp))
+    return layers, [by_name[n] for n in layers], rows
+
+
+def _check_surgeon_options(method: str, scope: str, pattern: str, blocksize: Optional[int], damp: Optional[float],
+                           where: str) -> Tuple[int, float]:
+    """(blocksize, damp) for ``method``, defaults filled in; ValueError for an option the method does not use."""
+    if method != "layerwise-obs":
+        for opt, value in (("blocksize", blocksize), ("damp", damp)):
+            if value is not None:
+                raise ValueError(f"{where}: {opt}={value!r} applies to method='layerwise-obs' only, "
+                                 f"not method={method!r}")
+        return DEFAULT_BLOCKSIZE, DEFAULT_DAMP
+    if scope == "global":
+        raise ValueError(f"{where}: method='layerwise-obs' selects per 'row' or per 'layer', not scope='global'")
+    blocksize = DEFAULT_BLOCKSIZE if blocksize is None else blocksize
+    damp = DEFAULT_DAMP if damp is None else damp
+    if isinstance(blocksize, bool) or not isinstance(blocksize, int) or blocksize < 1:
+        raise ValueError(f"{where}: blocksize must be an integer >= 1, got {blocksize!r}")
+    if isinstance(damp, bool) or not isinstance(damp, (int, float)) or not damp >= 0 or damp == float("inf"):
+        raise ValueError(f"{where}: damp must be a finite number >= 0, got {damp!r}")
+    nm = parse_pattern(pattern)
+    if nm is not None and blocksize % nm[1]:
+        raise ValueError(f"{where}: pattern={pattern!r} needs blocksize to be a multiple of {nm[1]}, got {blocksize}")
+    return blocksize, float(damp)
 
 
 def prune_layerwise(model: nn.Module, calibration: Iterable[Any], *, sparsity: Optional[float] = None,
                     pattern: str = "unstructured", scope: Optional[str] = None, method: str = "layerwise-obd",
                     run: Optional[Callable[[nn.Module, Any], Any]] = None, blocks: Optional[Sequence[nn.Module]] = None,
                     device: Optional[torch.device | str] = None, skip: Iterable[str] = (),
-                    process_group: Any = None, progress: bool = True) -> LayerwiseResult:
-    """Prune ``model`` in place by layer-wise OBD, block by block.
+                    process_group: Any = None, progress: bool = True, blocksize: Optional[int] = None,
+                    damp: Optional[float] = None, sequential: bool = False) -> LayerwiseResult:
+    """Prune ``model`` in place layer by layer from calibration data, block by block.
 
     Args:
         model: a transformer (Llama, GPT-2, obd_ext.models.GPT, or any model
             whose repeated blocks :func:`find_blocks` finds or ``blocks`` gives).
-        calibration: batches (e.g. ``[n, seq]`` token-id tensors) for ``run``.
+        calibration: batches (e.g. ``[n, seq]`` token-id tensors) for ``run``;
+            not used (not even iterated) by ``method="magnitude"``.
         sparsity: fraction deleted in every pool, in [0, 1]; None means
             :data:`DEFAULT_SPARSITY` for an unstructured pattern and
             ``1 - N/M`` for an N:M one (any other value with N:M is an error).
@@ -435,9 +530,15 @@ def prune_layerwise(model: nn.Module, calibration: Iterable[Any], *, sparsity: O
             pruning of earlier ones, so a pool over the whole model is what the
             whole-network curvature of obd_ext.layerwise.hf gives). None or
             "row" for an N:M pattern (which selects within rows).
+            ``"layerwise-obs"`` takes "row" or "layer" (SparseGPT's adaptive
+            per-block mask), not "global".
         method: "layerwise-obd" (each layer's reconstruction Hessian diagonal:
-            Wanda's masks for scope "row") or "magnitude" (``|w|``, for
-            comparison); see ``obd_ext.vocabulary.METHODS``.
+            Wanda's masks for scope "row"), "layerwise-obs" (the Optimal Brain
+            Surgeon with the full reconstruction Hessian ``2 X^T X``: the kept
+            weights are updated; SparseGPT's algorithm,
+            :func:`obd_ext.layerwise.surgeon.obs_prune_`) or "magnitude"
+            (``|w|``, for comparison; no calibration pass); see
+            ``obd_ext.vocabulary.METHODS``.
         run: ``run(model, batch)`` does one forward; default ``model(batch)``.
         blocks: the blocks, in order (default: :func:`find_blocks`).
         device: process each block there (the model stays where it is).
@@ -447,36 +548,68 @@ def prune_layerwise(model: nn.Module, calibration: Iterable[Any], *, sparsity: O
             before every block is pruned, so all ranks prune identically;
             ``True`` for the default group.
         progress: a tqdm bar over blocks.
+        blocksize: "layerwise-obs" only: columns per lazy-update block, and
+            the column block over which deletions are chosen (default 128; a
+            multiple of M for N:M).
+        damp: "layerwise-obs" only: the damping added to ``H``'s diagonal as
+            a fraction of its mean (default 0.01).
+        sequential: the layers of a block fed by one tensor (q/k/v, gate/up,
+            ...) are pruned stage by stage in the order the block calls them,
+            each stage's statistics taken with the earlier stages already
+            pruned (SparseGPT's "true sequential"; one calibration forward per
+            stage). Default False: one forward per block, every layer's
+            statistics from the block as it was before any of its layers was
+            pruned (SparseGPT's and llm-compressor's default). Ignored by
+            "magnitude".
 
     Returns:
         A :class:`LayerwiseResult` whose layers carry the model's own qualified
-        names (``model.layers.0.self_attn.q_proj``).
+        names (``model.layers.0.self_attn.q_proj``). ``predicted_increase`` is
+        each layer's predicted reconstruction error: the sum of the deleted
+        saliencies (for the surgeon, its damped objective after the updates).
     """
     method = check_method(method, LAYERWISE_METHODS, "prune_layerwise")
     sparsity = resolve_sparsity(pattern, sparsity)
     scope = resolve_scope(pattern, scope)
+    blocksize, damp = _check_surgeon_options(method, scope, pattern, blocksize, damp, "prune_layerwise")
+    if not isinstance(sequential, bool):
+        raise ValueError(f"prune_layerwise: sequential must be True or False, got {sequential!r}")
     t0 = time.time()
     run = run or (lambda m, b: m(b))
     blocks = list(blocks) if blocks is not None else list(find_blocks(model)[1])
+    if method == "layerwise-obs":  # checked for every block before any is pruned
+        nm = parse_pattern(pattern)
+        for bi, block in enumerate(blocks):
+            for n, m in prunable_layers(block, skip).items():
+                if not (isinstance(m, nn.Linear) or is_hf_conv1d(m)):
+                    raise ValueError(f"prune_layerwise: method='layerwise-obs' prunes nn.Linear and transformers' "
+                                     f"Conv1D layers; block {bi} layer {n!r} is a {type(m).__name__} (pass it in "
+                                     "skip=)")
+                cols = weight_rows(m).shape[1]
+                if nm is not None and cols % nm[1]:
+                    raise ValueError(f"prune_layerwise: pattern {pattern!r} needs the number of inputs to be a "
+                                     f"multiple of {nm[1]}; block {bi} layer {n!r} has {cols}")
     device = torch.device(device) if device is not None else None
     qualified = {id(m): n for n, m in model.named_modules()}
     result = LayerwiseResult(pattern, scope, method, sparsity)
+    calibrated = METHODS[method].statistics is not None
     was_training = model.training
     model.eval()  # calibration sees the model as it will run: no dropout
     try:
-        inputs = [_move(c, device) for c in capture_block_inputs(model, blocks[0], calibration, run)]
+        inputs = ([_move(c, device) for c in capture_block_inputs(model, blocks[0], calibration, run)]
+                  if calibrated else [])
         from tqdm.auto import tqdm
 
-        for bi, block in enumerate(tqdm(blocks, desc="layer-wise OBD", unit="block", disable=not progress)):
+        for bi, block in enumerate(tqdm(blocks, desc=method, unit="block", disable=not progress)):
             home = next(block.parameters()).device
             if device is not None:
                 block.to(device)
             layers, reports, rows = _prune_block(block, inputs, sparsity, pattern, scope, method, skip,
-                                                 process_group)
+                                                 process_group, blocksize, damp, sequential)
             result.calibration_rows = max(result.calibration_rows, rows)
             result.layers += [LayerReport(qualified.get(id(layers[r.name]), f"{bi}.{r.name}"), r.shape, r.deleted,
                                           r.total, r.predicted_increase) for r in reports]
-            if bi + 1 < len(blocks):  # the pruned block's outputs feed the next block
+            if calibrated and bi + 1 < len(blocks):  # the pruned block's outputs feed the next block
                 inputs = next_block_inputs(block, inputs)
             if device is not None:
                 block.to(home)

@@ -12,6 +12,10 @@ models"). Ranked per output row this is the square of Wanda's score
 linear inputs go through the fused ``column_sq_sum_`` op (bf16/fp16 read as
 they are, fp32 accumulation, no upcast copy of the activations); convolutions
 sum ``x^2`` over every kernel offset's window.
+
+:class:`GramStats` collects the full ``X^T X`` per linear input, which the
+layer-wise Optimal Brain Surgeon (:mod:`.surgeon`) needs; layers fed the same
+tensor (q/k/v, gate/up) share one matrix.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from torch import Tensor
 
 from .. import ops
 
-__all__ = ["CalibrationStats", "is_hf_conv1d", "prunable_layers", "weight_rows", "weight_rows_of"]
+__all__ = ["CalibrationStats", "GramStats", "is_hf_conv1d", "prunable_layers", "weight_rows", "weight_rows_of"]
 
 
 def is_hf_conv1d(module: nn.Module) -> bool:
@@ -156,3 +160,109 @@ class CalibrationStats:
     def __repr__(self) -> str:
         return f"CalibrationStats({len(self.layers)} layers, rows={sum(self.rows.values())})"
 
+
+
+class GramStats:
+    """Accumulates ``X^T X`` (summed over tokens) at the input of each linear layer while the model runs.
+
+    Layers called on the very same input tensor one after the other (a
+    transformer's q/k/v projections, or gate/up) share one matrix: the
+    sharing is found on the first call and checked on every later one (a
+    layer that shared its input once and then sees a different one is an
+    error, never a silently wrong matrix).
+
+    Use as a context manager around forward passes::
+
+        with GramStats(prunable_layers(block)) as stats:
+            for x in batches:
+                block(x)
+        g = stats.gram("self_attn.q_proj")   # [in, in], sum_n x_n x_n^T
+
+    Args:
+        layers: name -> ``nn.Linear`` or HF ``Conv1D`` (convolutions are refused).
+        acc_dtype: accumulation precision, float32 (default) or float64. The
+            activations are cast to it before the product.
+    """
+
+    def __init__(self, layers: Dict[str, nn.Module], acc_dtype: torch.dtype = torch.float32):
+        if acc_dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"acc_dtype must be torch.float32 or torch.float64, got {acc_dtype}")
+        for name, m in layers.items():
+            if not (isinstance(m, nn.Linear) or is_hf_conv1d(m)):
+                raise ValueError(f"layer {name!r} is a {type(m).__name__}: the full X^T X statistics (layer-wise "
+                                 "OBS) support nn.Linear and transformers' Conv1D only")
+        self.layers = dict(layers)
+        self.acc_dtype = acc_dtype
+        self.leader: Dict[str, str] = {}  # name -> the layer whose matrix it uses (itself when not shared)
+        self.sums: Dict[str, Tensor] = {}  # leader name -> X^T X
+        self.rows: Dict[str, int] = {n: 0 for n in self.layers}
+        self._last: Optional[tuple] = None  # (input tensor, leader) of the latest call
+        self._handles: List = []
+
+    def __enter__(self) -> "GramStats":
+        for name, m in self.layers.items():
+            self._handles.append(m.register_forward_pre_hook(lambda mod, args, name=name: self.add(name, args[0])))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self._last = None  # do not keep an activation alive
+
+    @torch.no_grad()
+    def add(self, name: str, x: Tensor) -> None:
+        """Add one batch of inputs of layer ``name`` (a repeat of the previous layer's input is counted once)."""
+        same = self._last is not None and self._last[0] is x
+        lead = self.leader.get(name)
+        if lead is None:  # first call: share the previous layer's matrix if fed the same tensor
+            lead = self._last[1] if same and self.sums[self._last[1]].shape[0] == x.shape[-1] else name
+            self.leader[name] = lead
+        if lead != name:
+            if not (same and self._last[1] == lead):
+                raise RuntimeError(f"GramStats: layer {name!r} shared its input with {lead!r} on the first batch but "
+                                   "not on a later one; collect this model's statistics without sharing")
+        else:
+            xs = x.detach().reshape(-1, x.shape[-1]).to(self.acc_dtype)
+            if name not in self.sums:
+                self.sums[name] = torch.zeros((xs.shape[1], xs.shape[1]), dtype=self.acc_dtype, device=x.device)
+            self.sums[name].addmm_(xs.t(), xs)
+        self.rows[name] += x.numel() // max(1, x.shape[-1])
+        self._last = (x, lead)
+
+    def gram(self, name: str) -> Tensor:
+        """``sum_n x_n x_n^T`` over every input row of layer ``name``, ``[in, in]`` (shared matrices are one tensor).
+
+        Raises:
+            RuntimeError: no calibration input reached the layer.
+            ValueError: the matrix is not finite (NaN/Inf activations or overflow).
+        """
+        lead = self.leader.get(name)
+        if lead is None:
+            raise RuntimeError(f"no calibration inputs reached layer {name!r}: run the model on calibration "
+                               "data inside the GramStats context first")
+        g = self.sums[lead]
+        if not bool(torch.isfinite(g).all()):
+            i, j = (int(v) for v in (~torch.isfinite(g)).nonzero()[0])
+            raise ValueError(f"calibration statistics X^T X of layer {name!r} are not finite at [{i}, {j}] (value "
+                             f"{float(g[i, j])}): the calibration activations hold NaN/Inf or overflow")
+        return g
+
+    def column_sums(self, name: str) -> Tensor:
+        """``sum_n x_nj^2``: the diagonal of :meth:`gram` (what :class:`CalibrationStats` collects)."""
+        return self.gram(name).diagonal()
+
+    def shared(self) -> Dict[str, List[str]]:
+        """leader -> every layer using its matrix, in call order."""
+        out: Dict[str, List[str]] = {}
+        for n, lead in self.leader.items():
+            out.setdefault(lead, []).append(n)
+        return out
+
+    def tensors(self) -> Dict[str, Tensor]:
+        """leader name -> accumulated matrix, each shared matrix once (for all-reducing across ranks)."""
+        return dict(self.sums)
+
+    def __repr__(self) -> str:
+        return (f"GramStats({len(self.layers)} layers, {len(self.sums)} matrices, "
+                f"rows={sum(self.rows.values())})")

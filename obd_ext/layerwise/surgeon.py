@@ -1,0 +1,289 @@
+"""The Optimal Brain Surgeon step of one linear layer, in SparseGPT's blocked column sweep.
+
+For a linear layer ``y = x W^T`` and calibration inputs ``X`` (``[tokens, inputs]``),
+the reconstruction error ``E(W') = ||X (W' - W)^T||_F^2`` is a sum over output
+rows of one quadratic with the same Hessian ``H = 2 X^T X`` for every row
+(docs/math.md, "Layer-wise Optimal Brain Surgeon"). Deleting weight ``q`` of a
+row and re-fitting the row's other free weights costs ``w_q^2 / (2 [H_F^-1]_qq)``
+and moves them by ``-w_q / [H_F^-1]_qq * H_F^-1 e_q``, where ``F`` is the set of
+weights still free to move.
+
+:func:`obs_prune_` sweeps the columns (inputs) left to right. Column ``j`` is
+settled (kept or zeroed) and its error is spread over the columns right of it
+only, so the free set of column ``j`` is ``{j, ..., n-1}`` for every row alike.
+With ``U`` the upper Cholesky factor of ``H^-1``, row ``j`` of ``U`` divided by
+``U_jj`` is exactly ``[H_F^-1] e_j / [H_F^-1]_jj`` for that free set, and
+``U_jj^2 = [H_F^-1]_jj``: one factorisation gives every step's update. The
+updates of the columns right of a block of ``blocksize`` columns are applied
+lazily, as one matrix product per block.
+
+Which weights are deleted is decided as the sweep reaches them, from the
+surgeon's saliency ``w_j^2 / U_jj^2`` of the current (already updated) weights:
+
+- ``scope="row"``: at the start of each column block, each row deletes its
+  share of the block (the cumulative count through the block's last column
+  is ``round(k_row * end / n)``, so each row deletes exactly
+  ``k_row = round(sparsity * n)`` in all);
+- ``scope="layer"``: SparseGPT's adaptive mask; each column block deletes its
+  share over all rows together (cumulatively ``round(k * end / n)`` of
+  ``k = round(sparsity * rows * n)``);
+- ``"N:M"``: at the first column of each group of M, each row deletes the M-N
+  lowest of the group.
+
+Equal saliencies are deleted in order of index (row-major), as everywhere in
+obd_ext. Inputs whose calibration activations are all zero (``H_jj = 0``,
+"dead") have saliency 0 and are deleted first; their weights affect nothing
+the calibration data sees, so deleting them moves no other weight.
+
+The arithmetic runs in float32 (or float64) on a copy; the weight is written
+once at the end, in its own dtype, and not at all if anything fails.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import warnings
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from ..selection_checks import check_sparsity, count_for_sparsity
+from ..vocabulary import parse_pattern
+
+__all__ = ["DEFAULT_BLOCKSIZE", "DEFAULT_DAMP", "SurgeonResult", "obs_prune_", "check_surgeon_args",
+           "damped_hessian", "inverse_hessian_factor"]
+
+DEFAULT_BLOCKSIZE = 128
+"""Columns per lazy-update block (SparseGPT's choice)."""
+
+DEFAULT_DAMP = 0.01
+"""Damping added to ``H``'s diagonal, as a fraction of the mean diagonal of the live inputs."""
+
+_RETRIES = 4  # more damping, 10x each time, after a failed factorisation
+
+
+@dataclass
+class SurgeonResult:
+    """What :func:`obs_prune_` did to one layer.
+
+    Attributes:
+        mask: True where a weight is kept, ``[outputs, inputs]``.
+        deleted: entries set to zero.
+        predicted_increase: the sum of the deletions' surgeon saliencies
+            ``w^2 / (2 U_jj^2)`` over live inputs: in exact arithmetic, the
+            damped objective ``||X dW^T||^2 + lam/2 ||dW_live||^2`` of the final
+            weights (an upper bound of the reconstruction error).
+        damp: the relative damping actually used (larger than asked if the
+            factorisation needed more).
+        dead_inputs: inputs whose calibration activations are all zero.
+    """
+
+    mask: Tensor
+    deleted: int
+    predicted_increase: float
+    damp: float
+    dead_inputs: int
+
+
+def check_surgeon_args(weight: Tensor, gram: Tensor, sparsity: Optional[float], pattern: str, scope: str,
+                       blocksize: int, damp: float, dtype: torch.dtype, name: str) -> Tuple[float, Optional[tuple]]:
+    """Everything :func:`obs_prune_` will touch, checked; returns (sparsity, N:M or None).
+
+    Raises:
+        ValueError / TypeError naming ``name`` and the argument.
+    """
+    nm = parse_pattern(pattern)
+    if nm is not None:
+        implied = 1 - nm[0] / nm[1]
+        if sparsity is not None and not math.isclose(float(sparsity), implied, rel_tol=0, abs_tol=1e-9):
+            raise ValueError(f"{name}: pattern={pattern!r} implies sparsity {implied:g}, got sparsity={sparsity!r}")
+        sparsity = implied
+    elif sparsity is None:
+        raise ValueError(f"{name}: an unstructured pattern needs a sparsity")
+    try:
+        sparsity = check_sparsity(sparsity)
+    except ValueError as e:
+        raise ValueError(f"{name}: {e}") from None
+    if scope not in ("row", "layer"):
+        raise ValueError(f"{name}: the surgeon selects per 'row' or per 'layer', got scope={scope!r}")
+    if nm is not None and scope != "row":
+        raise ValueError(f"{name}: pattern={pattern!r} selects within rows; scope must be 'row', got {scope!r}")
+    if isinstance(blocksize, bool) or not isinstance(blocksize, int) or blocksize < 1:
+        raise ValueError(f"{name}: blocksize must be an integer >= 1, got {blocksize!r}")
+    if isinstance(damp, bool) or not isinstance(damp, numbers.Real) or not math.isfinite(damp) or damp < 0:
+        raise ValueError(f"{name}: damp must be a finite number >= 0, got {damp!r}")
+    if dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"{name}: dtype must be torch.float32 or torch.float64, got {dtype}")
+    if not isinstance(weight, Tensor) or weight.dim() != 2 or not weight.is_floating_point():
+        what = f"{tuple(weight.shape)} {weight.dtype}" if isinstance(weight, Tensor) else type(weight).__name__
+        raise ValueError(f"{name}: the weight must be a 2-D floating tensor [outputs, inputs], got {what}")
+    cols = weight.shape[1]
+    if not isinstance(gram, Tensor) or tuple(gram.shape) != (cols, cols) or not gram.is_floating_point():
+        what = f"{tuple(gram.shape)} {gram.dtype}" if isinstance(gram, Tensor) else type(gram).__name__
+        raise ValueError(f"{name}: the Gram matrix X^T X must be a floating [{cols}, {cols}] tensor (inputs x "
+                         f"inputs of the weight {tuple(weight.shape)}), got {what}")
+    if gram.device != weight.device:
+        raise ValueError(f"{name}: the Gram matrix is on {gram.device}, the weight on {weight.device}")
+    if nm is not None:
+        if cols % nm[1]:
+            raise ValueError(f"{name}: pattern {pattern!r} needs the number of inputs to be a multiple of {nm[1]}, "
+                             f"got weight shape {tuple(weight.shape)}")
+        if blocksize % nm[1]:
+            raise ValueError(f"{name}: pattern {pattern!r} needs blocksize to be a multiple of {nm[1]}, "
+                             f"got {blocksize}")
+    bad = ~torch.isfinite(gram)
+    if bool(bad.any()):
+        i, j = (int(v) for v in bad.nonzero()[0])
+        raise ValueError(f"{name}: the calibration Gram matrix X^T X is not finite at [{i}, {j}] (value "
+                         f"{float(gram[i, j])}): the calibration activations hold NaN/Inf or overflow")
+    bad = ~torch.isfinite(weight)
+    if bool(bad.any()):
+        i, j = (int(v) for v in bad.nonzero()[0])
+        raise ValueError(f"{name}: the weight is not finite at [{i}, {j}] (value {float(weight[i, j])})")
+    diag = gram.diagonal()
+    if bool((diag < 0).any()):
+        j = int((diag < 0).nonzero()[0])
+        raise ValueError(f"{name}: the Gram matrix has a negative diagonal entry [{j}, {j}] = {float(diag[j])}; "
+                         "X^T X cannot")
+    return sparsity, nm
+
+
+def damped_hessian(gram: Tensor, damp: float, dtype: torch.dtype) -> Tuple[Tensor, Tensor, float]:
+    """``H = 2 gram + lam I`` with ``lam = damp * mean(live diagonal)``; (H, dead, lam).
+
+    A dead input (zero diagonal) has a zero row and column in a true Gram
+    matrix: it is decoupled, and its diagonal is set to ``max(lam, 1)`` only to
+    keep ``H`` invertible (its saliency is forced to 0 elsewhere).
+    """
+    h = gram.to(dtype=dtype, copy=True).mul_(2)
+    d = h.diagonal()
+    dead = d == 0
+    live = d[~dead]
+    lam = float(damp * live.mean()) if live.numel() else 0.0
+    d.add_(lam)
+    d.masked_fill_(dead, max(lam, 1.0))
+    return h, dead, lam
+
+
+def inverse_hessian_factor(h: Tensor) -> Optional[Tensor]:
+    """The upper Cholesky factor ``U`` of ``H^-1`` (``H^-1 = U^T U``), or None if ``H`` is not numerically PD."""
+    chol, info = torch.linalg.cholesky_ex(h)
+    if int(info):
+        return None
+    hinv = torch.cholesky_inverse(chol)
+    u, info = torch.linalg.cholesky_ex(hinv, upper=True)
+    if int(info) or not bool(torch.isfinite(u.diagonal()).all()):
+        return None
+    return u
+
+
+def _cum(k: int, end: int, n: int) -> int:
+    """``round(k * end / n)`` in integers (half up): the deletions due through column ``end``."""
+    return (2 * k * end + n) // (2 * n)
+
+
+def _lowest(scores: Tensor, k: int) -> Tensor:
+    """Indices of the ``k`` lowest of a 1-D tensor, equal values in index order."""
+    return torch.sort(scores, stable=True).indices[:k]
+
+
+@torch.no_grad()
+def obs_prune_(weight: Tensor, gram: Tensor, *, sparsity: Optional[float] = None, pattern: str = "unstructured",
+               scope: str = "row", blocksize: int = DEFAULT_BLOCKSIZE, damp: float = DEFAULT_DAMP,
+               dtype: torch.dtype = torch.float32, name: str = "weight") -> SurgeonResult:
+    """Prune one layer in place by the Optimal Brain Surgeon, updating the weights it keeps.
+
+    Args:
+        weight: ``[outputs, inputs]`` (a view such as ``weight_rows(layer)`` is
+            written through); any floating dtype (bf16 included). Written once,
+            at the end, in its own dtype.
+        gram: ``X^T X`` of the layer's calibration inputs, ``[inputs, inputs]``,
+            summed over tokens (any floating dtype; not modified).
+        sparsity: fraction deleted (of each row for ``scope="row"``, of the
+            layer for ``"layer"``); None for N:M, which implies ``1 - N/M``.
+        pattern: "unstructured" or "N:M" (keep N of every M consecutive inputs).
+        scope: "row" or "layer" (see the module docstring); "row" for N:M.
+        blocksize: columns per lazy-update block; also the block over which
+            "row" and "layer" choose their deletions. A multiple of M for N:M.
+        damp: ``lam = damp * mean(diag H)`` over live inputs is added to the
+            diagonal; if the factorisation still fails, it is retried with 10x
+            the damping (up to 4 times), then a RuntimeError names the layer.
+        dtype: precision of the arithmetic, float32 or float64.
+        name: the layer's name, for errors.
+
+    Returns:
+        A :class:`SurgeonResult`.
+
+    Raises:
+        ValueError: any argument malformed or not finite (nothing is changed).
+        RuntimeError: ``H`` could not be factorised even with more damping, or
+            the sweep produced non-finite weights (nothing is changed).
+    """
+    sparsity, nm = check_surgeon_args(weight, gram, sparsity, pattern, scope, blocksize, damp, dtype, name)
+    rows, cols = weight.shape
+    device = weight.device
+    u, used, tried = None, damp, []
+    for _ in range(_RETRIES + 1):
+        h, dead, lam = damped_hessian(gram.to(device), used, dtype)
+        u = inverse_hessian_factor(h)
+        tried.append(used)
+        if u is not None:
+            break
+        used = max(used * 10, 1e-4)
+    del h
+    if u is None:
+        raise RuntimeError(f"{name}: the layer's Hessian 2 X^T X could not be factorised with damp in "
+                           f"{[float(f'{t:.3g}') for t in tried]}; the calibration inputs may be degenerate or "
+                           "overflow")
+    if used != damp:
+        warnings.warn(f"{name}: the layer's Hessian needed damp={used:g} (asked: {damp:g}) to be factorised",
+                      RuntimeWarning, stacklevel=2)
+    w = weight.detach().to(dtype=dtype, copy=True)
+    keep = torch.ones((rows, cols), dtype=torch.bool, device=device)
+    # saliency w^2 / U_jj^2, and 0 for a dead input
+    inv_d2 = torch.where(dead, torch.zeros((), dtype=dtype, device=device), u.diagonal().square().reciprocal())
+    live = (~dead).double()
+    k_row = count_for_sparsity(sparsity, cols) if nm is None else 0
+    k_layer = count_for_sparsity(sparsity, rows * cols) if nm is None else 0
+    loss = torch.zeros((), dtype=torch.float64, device=device)
+    for i1 in range(0, cols, blocksize):
+        i2 = min(i1 + blocksize, cols)
+        count = i2 - i1
+        w1 = w[:, i1:i2].clone()
+        u1 = u[i1:i2, i1:i2]
+        err1 = torch.empty((rows, count), dtype=dtype, device=device)
+        keep1 = torch.ones((rows, count), dtype=torch.bool, device=device)
+        if nm is None:
+            scores = w1.square() * inv_d2[i1:i2]
+            if scope == "row":
+                kb = _cum(k_row, i2, cols) - _cum(k_row, i1, cols)
+                if kb:
+                    keep1.scatter_(1, torch.sort(scores, dim=1, stable=True).indices[:, :kb], False)
+            else:
+                kb = _cum(k_layer, i2, cols) - _cum(k_layer, i1, cols)
+                if kb:
+                    keep1.view(-1)[_lowest(scores.reshape(-1), kb)] = False
+        for i in range(count):
+            if nm is not None and i % nm[1] == 0:
+                group = w1[:, i:i + nm[1]].square() * inv_d2[i1 + i:i1 + i + nm[1]]
+                idx = torch.sort(group, dim=1, stable=True).indices[:, :nm[1] - nm[0]]
+                keep1[:, i:i + nm[1]] = torch.ones_like(group, dtype=torch.bool).scatter_(1, idx, False)
+            col = w1[:, i]
+            q = col * keep1[:, i]
+            e = (col - q) / u1[i, i]
+            w1[:, i:].addr_(e, u1[i, i:], alpha=-1)  # the row's free weights re-fit (column i becomes q)
+            w1[:, i] = q  # exactly: 0 where deleted, the updated weight where kept
+            err1[:, i] = e
+        w[:, i1:i2] = w1
+        keep[:, i1:i2] = keep1
+        loss += 0.5 * (err1.double().square().sum(0) * live[i1:i2]).sum()
+        if i2 < cols:
+            w[:, i2:].addmm_(err1, u[i1:i2, i2:], alpha=-1)  # the block's updates of every later column at once
+    if not bool(torch.isfinite(w).all()):
+        raise RuntimeError(f"{name}: the surgeon's update produced non-finite weights (the layer's Hessian is too "
+                           f"ill-conditioned at damp={used:g}; try a larger damp)")
+    weight.copy_(w)
+    return SurgeonResult(keep, int((~keep).sum()), float(loss), used, int(dead.sum()))
