@@ -137,6 +137,7 @@ MAPS = {
     "gather": (lambda v: v.gather(1, _IDX), (2, 3, 2)),
     "index_select": (lambda v: v.index_select(1, torch.tensor([2, 0, 2, 1])), (2, 3, 2)),
     "as_strided": (lambda v: v.as_strided((3, 3), (2, 1)), (2, 4)),  # overlapping windows
+    "as_strided_": (lambda v: (v * 1.0).as_strided_((2, 3), (1, 2), 1), (2, 4)),  # in place (AdaptiveAvgPool1d in Swin)
     "unsafe_split": (lambda v: v.unsafe_split(2, 1)[1], (2, 4, 3)),
     "amax": (lambda v: v.amax(1), (2, 3, 4)),
     "amin_keepdim": (lambda v: v.amin((0, 2), keepdim=True), (2, 3, 4)),

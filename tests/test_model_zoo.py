@@ -75,34 +75,22 @@ def row(**changes: object) -> Dict[str, object]:
 # What each method does on each model: the table to update when coverage changes.
 # ---------------------------------------------------------------------------
 
-_SWIN_POOL = unsupported("as_strided", r"hf\.swin\.pooler \(AdaptiveAvgPool1d\)")
-_T5_WHERE = unsupported("where", r"hf\.decoder\.block\.0\.layer\.0\.SelfAttention \(T5Attention\)")
-_LSTM = unsupported("unsafe_split", r"rnn \(LSTM\)")
-_UNET_GN = unsupported("(group_norm|upsample_bilinear2_?d)", r"\((GroupNorm|UNet)\)")
-_UNET_BN = unsupported("upsample_bilinear2_?d", r"\(UNet\)")
-
 EXPECTED: Dict[str, Dict[str, object]] = {
     "resnet": row(),
     "mobilenet_v2": row(),
     "efficientnet": row(),
     "convnext": row(),
     "vit": row(),
-    "swin": row(obd=_SWIN_POOL, lm=_SWIN_POOL),
+    "swin": row(),
     "bert": row(),
     "gpt2": row(),
     "llama": row(),
-    "t5": row(obd=_T5_WHERE, lm=_T5_WHERE,
-              hutchinson=defect("T5's untied `shared` embedding is outside the loss graph: PyTorch's 'The "
-                                "differentiated Tensor at index 0 appears to not have been used in the graph' "
-                                "instead of zeros (as obd gives) or an error naming the parameter")),
-    "lstm": row(obd=_LSTM, lm=_LSTM,
-                fisher=defect("PyTorch's 'output with shape [1, 24] doesn't match the broadcast shape "
+    "t5": row(),
+    "lstm": row(fisher=defect("PyTorch's 'output with shape [1, 24] doesn't match the broadcast shape "
                               "[2, 1, 24]' from the per-sample path over nn.LSTM"),
                 ggn_mc=defect("the same broadcast error as fisher")),
-    "unet_groupnorm": row(obd=_UNET_GN, lm=_UNET_GN,
-                          exact=defect("'The size of tensor a (2) must match the size of tensor b (64) at "
-                                       "non-singleton dimension 4': batched double backward through GroupNorm")),
-    "unet_batchnorm": row(obd=_UNET_BN, lm=_UNET_BN),
+    "unet_groupnorm": row(),
+    "unet_batchnorm": row(),
 }
 
 # Models whose cases together take more than a few seconds on 2 cores.

@@ -245,7 +245,7 @@ _INDEX_MAPS = [
     "UpsampleNearest1DBackward0", "UpsampleNearest2DBackward0", "UpsampleNearest3DBackward0",
     "UpsampleNearestExact1DBackward0", "UpsampleNearestExact2DBackward0", "UpsampleNearestExact3DBackward0",
     "PixelShuffleBackward0", "PixelUnshuffleBackward0", "GatherBackward0", "IndexSelectBackward0",
-    "AsStridedBackward0", "UnsafeSplitBackward0", "UnsafeSplitWithSizesBackward0", "MinBackward0",
+    "AsStridedBackward0", "AsStridedBackward1", "UnsafeSplitBackward0", "UnsafeSplitWithSizesBackward0", "MinBackward0",
     "TakeAlongDimBackward0", "NarrowBackward0", "RollBackward0", "FlipBackward0", "UnfoldBackward0",
     "ChannelShuffleBackward0", "MovedimBackward0", "Col2ImBackward0", "Im2ColBackward0",
 ]
