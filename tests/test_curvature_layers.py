@@ -290,3 +290,80 @@ def test_rms_norm_weight_and_cast():
     ref[1].weight = model[1].weight
     want = hessian_diag(ref, nn.MSELoss(), (x, t), method="obd", progress=False)
     torch.testing.assert_close(got["0.bias"], want["0.bias"], rtol=1e-5, atol=1e-7)
+
+
+# ---------------------------------------------------------------------------
+# Fallbacks that work (issue 13, item 4)
+# ---------------------------------------------------------------------------
+
+
+def test_hutchinson_and_exact_with_a_parameter_outside_the_loss():
+    """An untied embedding the forward never uses (T5's `shared`): zeros, not PyTorch's
+    'appears to not have been used in the graph'."""
+    torch.manual_seed(0)
+    model = nn.ModuleDict({"used": nn.Linear(3, 2), "unused": nn.Embedding(4, 3)})
+    run = lambda x: model["used"](x)  # noqa: E731
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.m = model
+
+        def forward(self, x):
+            return run(x)
+
+    x, t = torch.randn(5, 3), torch.randn(5, 2)
+    for method in ("hutchinson", "exact"):
+        res = hessian_diag(M(), nn.MSELoss(), (x, t), method=method, progress=False)
+        assert torch.equal(res["m.unused.weight"], torch.zeros(4, 3))
+        assert res["m.used.weight"].abs().sum() > 0
+
+
+def test_exact_on_group_norm_equals_autograd():
+    """exact on GroupNorm (PyTorch's batched double backward fails there): one row at a time."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 4, 3), nn.GroupNorm(2, 4), nn.Tanh())
+    x, t = torch.randn(2, 2, 5, 5), torch.randn(2, 4, 3, 3)
+    got = hessian_diag(model, nn.MSELoss(), (x, t), method="exact", params=["0.bias"], progress=False)["0.bias"]
+    loss = nn.MSELoss()(model(x), t)
+    (g,) = torch.autograd.grad(loss, model[0].bias, create_graph=True)
+    want = torch.stack([torch.autograd.grad(g[i], model[0].bias, retain_graph=True)[0][i] for i in range(4)])
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_no_double_backward_is_a_clear_error():
+    """EmbeddingBag has no double backward in PyTorch: exact / hutchinson say so and name
+    the methods that run (obd, lm, fisher)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.EmbeddingBag(7, 3, mode="mean"), nn.Linear(3, 2))
+    ids, t = torch.randint(0, 7, (4, 3)), torch.randn(4, 2)
+    for method in ("exact", "hutchinson"):
+        with pytest.raises(rules.UnsupportedOpError, match=r"embedding_bag.*method='obd' or 'lm'.*'fisher'"):
+            hessian_diag(model, nn.MSELoss(), (ids, t), method=method, progress=False)
+    for method in ("obd", "lm"):
+        assert hessian_diag(model, nn.MSELoss(), (ids, t), method=method, progress=False)["0.weight"].abs().sum() > 0
+
+
+def test_fisher_on_lstm_equals_a_loop_over_samples():
+    """nn.LSTM cannot be batched by vmap (its hidden state): per-sample gradients one
+    sample at a time, equal to a plain loop."""
+    torch.manual_seed(0)
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn = nn.LSTM(3, 4, batch_first=True)
+            self.head = nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.head(self.rnn(x)[0][:, -1])
+
+    model = M()
+    x, t = torch.randn(3, 5, 3), torch.randn(3, 2)
+    got = hessian_diag(model, nn.MSELoss(reduction="sum"), (x, t), method="fisher", progress=False)
+    for k, p in model.named_parameters():
+        want = torch.zeros_like(p)
+        for n in range(3):
+            (gr,) = torch.autograd.grad(nn.MSELoss(reduction="sum")(model(x[n:n + 1]), t[n:n + 1]), p)
+            want += gr * gr
+        torch.testing.assert_close(got[k], want, rtol=1e-10, atol=1e-12)

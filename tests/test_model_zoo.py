@@ -86,9 +86,7 @@ EXPECTED: Dict[str, Dict[str, object]] = {
     "gpt2": row(),
     "llama": row(),
     "t5": row(),
-    "lstm": row(fisher=defect("PyTorch's 'output with shape [1, 24] doesn't match the broadcast shape "
-                              "[2, 1, 24]' from the per-sample path over nn.LSTM"),
-                ggn_mc=defect("the same broadcast error as fisher")),
+    "lstm": row(),
     "unet_groupnorm": row(),
     "unet_batchnorm": row(),
 }

@@ -24,6 +24,7 @@ from torch.func import functional_call, grad, vmap
 
 from .losses import per_sample_scale, sampled_targets
 from .per_sample import layerwise_squared
+from .rules import UnsupportedOpError
 
 __all__ = ["per_sample_squared", "hutchinson", "exact"]
 
@@ -74,11 +75,21 @@ def _vmap_squared(model: nn.Module, loss_fn, x: Tensor, targets: Tensor, params:
         yi = functional_call(model, {**frozen, **p}, (xi.unsqueeze(0),))
         return loss_n(yi, ti)
 
-    g_fn = vmap(grad(one), in_dims=(None, 0, 0))
+    g_one = grad(one)
+    g_fn = vmap(g_one, in_dims=(None, 0, 0))
     live = {k: v.detach() for k, v in params.items()}
     acc = {k: torch.zeros_like(v) for k, v in live.items()}
+    batched = True
     for s in range(0, x.shape[0], chunk):
-        gs = g_fn(live, x[s:s + chunk], grouped[s:s + chunk])
+        if batched:
+            try:
+                gs = g_fn(live, x[s:s + chunk], grouped[s:s + chunk])
+            except (RuntimeError, NotImplementedError):
+                # a layer vmap cannot batch (nn.LSTM's hidden state): one sample at a time
+                batched = False
+        if not batched:
+            per = [g_one(live, x[i], grouped[i]) for i in range(s, min(s + chunk, x.shape[0]))]
+            gs = {k: torch.stack([p[k] for p in per]) for k in acc}
         for k in acc:
             acc[k] += (gs[k] * gs[k]).sum(0)
     return {k: v * scale for k, v in acc.items()}
@@ -118,6 +129,14 @@ def per_sample_squared(model: nn.Module, loss_fn, x: Tensor, y: Tensor, params: 
 def hutchinson(loss: Tensor, params: Dict[str, Tensor], samples: int, generator: Optional[torch.Generator]
                ) -> Dict[str, Tensor]:
     """``mean over v of v * (H v)``, Rademacher v, by double backward."""
+    try:
+        return _hutchinson(loss, params, samples, generator)
+    except NotImplementedError as e:
+        raise _no_double_backward(e, "hutchinson") from None
+
+
+def _hutchinson(loss: Tensor, params: Dict[str, Tensor], samples: int, generator: Optional[torch.Generator]
+                ) -> Dict[str, Tensor]:
     names = list(params)
     tensors = [params[k] for k in names]
     grads = _first_order(loss, tensors)
@@ -136,6 +155,19 @@ def hutchinson(loss: Tensor, params: Dict[str, Tensor], samples: int, generator:
             if h is not None:
                 acc[i] += vs[i] * h
     return {k: a / samples for k, a in zip(names, acc)}
+
+
+def _no_double_backward(err: Exception, method: str) -> Exception:
+    """PyTorch's error for an operation without a second derivative, in the user's terms."""
+    msg = str(err)
+    if "derivative for" not in msg or "is not implemented" not in msg:
+        return err
+    op = msg.split("'")[1] if msg.count("'") >= 2 else "an operation"
+    hint = (" (nn.EmbeddingBag / F.embedding_bag: nn.Embedding followed by a sum or mean has one)"
+            if "embedding_bag" in op else "")
+    return UnsupportedOpError(
+        f"obd_ext curvature: method={method!r} needs second derivatives by double backward, and PyTorch has no "
+        f"derivative for {op}{hint}; use method='obd' or 'lm' (their rules need no double backward) or 'fisher'")
 
 
 def _first_order(loss: Tensor, tensors: List[Tensor]) -> List[Optional[Tensor]]:
@@ -159,6 +191,13 @@ def _hessian_rows(gf: Tensor, p: Tensor, s: int, e: int) -> Tensor:
 
 def exact(loss: Tensor, params: Dict[str, Tensor], rows_per_pass: int = 256) -> Dict[str, Tensor]:
     """The Hessian's diagonal, row blocks of each parameter's Hessian at a time."""
+    try:
+        return _exact(loss, params, rows_per_pass)
+    except NotImplementedError as e:
+        raise _no_double_backward(e, "exact") from None
+
+
+def _exact(loss: Tensor, params: Dict[str, Tensor], rows_per_pass: int) -> Dict[str, Tensor]:
     names = list(params)
     tensors = [params[k] for k in names]
     grads = _first_order(loss, tensors)
