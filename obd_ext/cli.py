@@ -168,8 +168,19 @@ def _add_prune_llm(sub) -> None:
                         "unstructured; an N:M pattern implies 1 - N/M and allows no other value)")
     q.add_argument("--scope", choices=LAYERWISE_SCOPES,
                    help="the pool the lowest saliencies are taken from, for unstructured sparsity: row (each "
-                        "output row), layer, or global (default: row for layerwise-obd and magnitude, global for "
-                        "obd, lm and fisher; an N:M pattern selects within rows: row or nothing)")
+                        "output row), layer, or global (default: row for layerwise-obd, layerwise-obs and "
+                        "magnitude, global for obd, lm and fisher; layerwise-obs takes row or layer; an N:M pattern "
+                        "selects within rows: row or nothing)")
+    q.add_argument("--blocksize", type=_positive_int, metavar="B",
+                   help="layerwise-obs only: columns per block of the surgeon's sweep, over which its deletions are "
+                        "chosen (default: 128; a multiple of M for N:M)")
+    q.add_argument("--damp", type=_fraction, metavar="D",
+                   help="layerwise-obs only: damping added to the Hessian's diagonal, as a fraction of its mean "
+                        "(default: 0.01)")
+    q.add_argument("--sequential", action="store_true",
+                   help="layer-wise methods: prune the layers of each block stage by stage in the order the block "
+                        "calls them, each from inputs that went through the stages already pruned (one "
+                        "calibration pass per stage; default: one pass per block)")
     q.add_argument("--nsamples", type=_positive_int, default=128, metavar="N",
                    help="calibration windows (default: %(default)s)")
     q.add_argument("--seq-len", type=_positive_int, metavar="T",
@@ -223,8 +234,9 @@ def _version_line() -> str:
 # ---------------------------------------------------------------------------
 
 def _check_prune_llm_files(args: argparse.Namespace) -> None:
-    """The files and directories, named by their options, before anything loads."""
+    """The files and directories, and options that only some methods take, named by their options."""
     from .layerwise import hf
+    from .vocabulary import LAYERWISE_METHODS
 
     hf.check_model_dir(args.model_dir, "MODEL_DIR")
     hf.check_text_file(args.calib, "--calib")
@@ -233,6 +245,12 @@ def _check_prune_llm_files(args: argparse.Namespace) -> None:
             raise ValueError("--eval and --no-eval contradict each other: give one")
         hf.check_text_file(args.eval_text, "--eval")
     hf.check_out_dir(args.out, args.model_dir, args.overwrite, "--out")
+    for flag, value in (("--blocksize", args.blocksize), ("--damp", args.damp)):
+        if value is not None and args.method != "layerwise-obs":
+            raise ValueError(f"{flag} applies to --method layerwise-obs only, not --method {args.method}")
+    if args.sequential and args.method not in LAYERWISE_METHODS:
+        raise ValueError(f"--sequential applies to the layer-wise methods {', '.join(LAYERWISE_METHODS)}, "
+                         f"not --method {args.method}")
     if args.seq_len is not None and args.seq_len < 2 and not args.no_eval:
         raise ValueError(f"--seq-len must be >= 2 to measure perplexity (a 1-token window predicts nothing), "
                          f"got {args.seq_len}; or pass --no-eval")
@@ -266,7 +284,8 @@ def _prune_llm(args: argparse.Namespace) -> None:
                          method=args.method, device=args.device,
                          dtype=hf.DTYPES[args.dtype] if args.dtype else None, seed=args.seed,
                          evaluate=not args.no_eval, overwrite=args.overwrite, progress=not args.no_progress,
-                         log=None if args.no_progress else _stage)
+                         log=None if args.no_progress else _stage, blocksize=args.blocksize, damp=args.damp,
+                         sequential=args.sequential)
     scope = f", scope {r['scope']}" if r["pattern"] == "unstructured" else ""
     line = (f"{r['method']} {r['pattern']}{scope}: sparsity {r['detail']['sparsity']:.4f} of the block layers")
     if r["perplexity_after"] is not None:

@@ -119,6 +119,12 @@ def test_help_is_plain_with_defaults_and_the_methods(capsys):
     (["--eval", "{missing}"], "--eval: no such file"),
     (["--calib", "{missing}"], "--calib: no such file"),
     (["--calib", "{dir}"], "--calib: is a directory, not a text file"),
+    (["--blocksize", "64"], "--blocksize applies to --method layerwise-obs only, not --method layerwise-obd"),
+    (["--method", "magnitude", "--damp", "0.1"], "--damp applies to --method layerwise-obs only"),
+    (["--method", "lm", "--sequential"], "--sequential applies to the layer-wise methods"),
+    (["--method", "layerwise-obs", "--blocksize", "0"], "argument --blocksize: must be an integer >= 1, got 0"),
+    (["--method", "layerwise-obs", "--scope", "global"], "method='layerwise-obs' selects per 'row' or per 'layer'"),
+    (["--method", "layerwise-obs", "--pattern", "2:4", "--blocksize", "6"], "blocksize to be a multiple of 4"),
 ])
 def test_bad_arguments_are_one_line_and_exit_2_before_loading(capsys, config_only, texts, tmp_path, no_loading,
                                                               args, message):

@@ -354,7 +354,7 @@ def test_prune_llm_cli_saves_a_model_that_loads_in_plain_transformers(tiny_lm, c
     assert report["perplexity_after"] > 0 and report["detail"]["sparsity"] == pytest.approx(0.5)
 
 
-@pytest.mark.parametrize("method", ["layerwise-obd", "magnitude", "lm"])
+@pytest.mark.parametrize("method", ["layerwise-obd", "layerwise-obs", "magnitude", "lm"])
 def test_prune_llm_methods(tiny_lm, calib_file, eval_file, method):
     from obd_ext.layerwise import hf
 
@@ -413,6 +413,21 @@ def test_prune_llm_report(tiny_lm, calib_file, eval_file, tmp_path):
     names = [layer["name"] for layer in on_disk["detail"]["layers"]]
     assert names and all(n in own for n in names)
     assert names[0] == ("transformer.h.0.attn.c_attn" if kind == "gpt2" else "model.layers.0.self_attn.q_proj")
+
+
+def test_prune_llm_surgeon_settings_are_used_and_reported(tiny_lm, calib_file):
+    from obd_ext.layerwise import hf
+
+    kind, model_dir = tiny_lm
+    r = hf.prune_llm(str(model_dir), None, calib=str(calib_file), pattern="2:4", nsamples=4, seq_len=16,
+                     method="layerwise-obs", blocksize=16, damp=0.05, sequential=True, evaluate=False, progress=False)
+    assert (r["method"], r["blocksize"], r["damp"], r["sequential"]) == ("layerwise-obs", 16, 0.05, True)
+    assert r["detail"]["sparsity"] == 0.5 and all(layer["predicted_increase"] > 0 for layer in r["detail"]["layers"])
+    r = hf.prune_llm(str(model_dir), None, calib=str(calib_file), nsamples=4, seq_len=16, evaluate=False,
+                     progress=False)
+    assert (r["method"], r["blocksize"], r["damp"], r["sequential"]) == ("layerwise-obd", None, None, False)
+    with pytest.raises(ValueError, match="blocksize and damp apply to method='layerwise-obs' only, not method='lm'"):
+        hf.prune_llm(str(model_dir), None, calib=str(calib_file), method="lm", damp=0.1, evaluate=False)
 
 
 def test_prune_llm_saves_before_evaluating(tiny_lm, calib_file, eval_file, tmp_path, monkeypatch):

@@ -9,7 +9,10 @@ Methods (``obd_ext.vocabulary.LLM_METHODS``):
 
 - ``"layerwise-obd"`` (default): layer-wise OBD, block by block
   (:func:`~obd_ext.layerwise.blockwise.prune_layerwise`); scales to models
-  larger than the GPU. ``"magnitude"`` takes the same path with ``|w|``.
+  larger than the GPU. ``"layerwise-obs"`` takes the same path with the
+  Optimal Brain Surgeon (the full ``X^T X`` per layer, and updates of the kept
+  weights; SparseGPT's algorithm); ``"magnitude"`` with ``|w|`` (no
+  calibration pass).
 - ``"obd"``, ``"lm"``, ``"fisher"``: the whole-network curvature engine
   (``obd_ext.hessian_diag`` on the next-token cross-entropy), for models that
   fit on the device; it prunes the same layers as the layer-wise path.
@@ -33,7 +36,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from ..vocabulary import LAYERWISE_METHODS, LLM_METHODS, check_method
-from .blockwise import (_prune_by_saliency, find_blocks, forward_blockwise, prune_layerwise, resolve_scope,
+from .blockwise import (_check_surgeon_options, _prune_by_saliency, find_blocks, forward_blockwise, prune_layerwise, resolve_scope,
                         resolve_sparsity)
 from .stats import prunable_layers, weight_rows_of
 
@@ -421,7 +424,8 @@ def prune_llm(model_dir: str, out_dir: Optional[str], *, calib: str, sparsity: O
               seq_len: Optional[int] = None, scope: Optional[str] = None, method: str = "layerwise-obd",
               device: Optional[torch.device | str] = None, dtype: Optional[torch.dtype] = None, seed: int = 0,
               evaluate: bool = True, overwrite: bool = False, progress: bool = True,
-              log: Optional[Callable[[str], None]] = None) -> Dict[str, Any]:
+              log: Optional[Callable[[str], None]] = None, blocksize: Optional[int] = None,
+              damp: Optional[float] = None, sequential: bool = False) -> Dict[str, Any]:
     """Load a causal LM from ``model_dir``, prune it, save it to ``out_dir``, then report perplexity.
 
     Every argument and file is checked before the model is loaded (the
@@ -446,13 +450,16 @@ def prune_llm(model_dir: str, out_dir: Optional[str], *, calib: str, sparsity: O
         nsamples: calibration windows (>= 1).
         seq_len: tokens per window (default: min(2048, the model's context)).
         scope: "row", "layer" or "global"; None means "row" for the layer-wise
-            methods (layerwise-obd, magnitude; pass "layer" for the classic
-            per-layer magnitude baseline) and "global" for the whole-network ones
+            methods (layerwise-obd, layerwise-obs, magnitude; pass "layer" for
+            the classic per-layer magnitude baseline, or for SparseGPT's
+            adaptive per-layer mask with layerwise-obs, which refuses
+            "global") and "global" for the whole-network ones
             (``obd_ext.vocabulary.default_scope``); None or "row" for N:M
             (which selects within rows).
         method: one of ``obd_ext.vocabulary.LLM_METHODS``: "layerwise-obd"
-            (block by block), "magnitude", or "obd"/"lm"/"fisher"
-            (whole-network curvature; the model must fit on the device).
+            or "layerwise-obs" (block by block), "magnitude", or
+            "obd"/"lm"/"fisher" (whole-network curvature; the model must fit
+            on the device).
         device: where blocks are processed and perplexity is computed, block
             by block (default: where the model loads, the whole model per batch).
         dtype: load the model in this dtype (one of :data:`DTYPES`).
@@ -461,6 +468,11 @@ def prune_llm(model_dir: str, out_dir: Optional[str], *, calib: str, sparsity: O
         overwrite: allow ``out_dir`` inside ``model_dir`` or non-empty.
         progress: progress bars.
         log: called with one line per stage (e.g. ``print``); None: silent.
+        blocksize, damp: "layerwise-obs" only (an error with any other
+            method): see :func:`~obd_ext.layerwise.blockwise.prune_layerwise`
+            (defaults 128 and 0.01).
+        sequential: layer-wise methods only: prune the layers of each block
+            stage by stage (see ``prune_layerwise``).
 
     Returns:
         The report written to ``out_dir/prune_report.json``: ``model_dir``,
@@ -468,7 +480,8 @@ def prune_llm(model_dir: str, out_dir: Optional[str], *, calib: str, sparsity: O
         for N:M), ``sparsity_target``, ``calib`` (path), ``calib_portion``
         ("all" or "first 90%"), ``eval`` (path, "last 10% of calib", or None
         without evaluation), ``seed``, ``nsamples``, ``seq_len``, ``device``,
-        ``dtype``; results: ``eval_tokens``, ``perplexity_before``,
+        ``dtype``, ``blocksize``, ``damp``, ``sequential`` (the surgeon's
+        settings; None for methods that do not use them); results: ``eval_tokens``, ``perplexity_before``,
         ``perplexity_after`` (None when not evaluated, or when evaluation
         failed after saving), ``seconds``; ``versions`` (obd_ext, torch,
         transformers, python); ``detail``: the pruning's own report with one
@@ -482,6 +495,15 @@ def prune_llm(model_dir: str, out_dir: Optional[str], *, calib: str, sparsity: O
     layerwise = method in LAYERWISE_METHODS
     sparsity = resolve_sparsity(pattern, sparsity)
     scope = resolve_scope(pattern, scope, layerwise=layerwise)
+    if layerwise:
+        blocksize, damp = _check_surgeon_options(method, scope, pattern, blocksize, damp, "prune_llm")
+        if method != "layerwise-obs":
+            blocksize = damp = None
+    elif blocksize is not None or damp is not None:
+        raise ValueError(f"prune_llm: blocksize and damp apply to method='layerwise-obs' only, not method={method!r}")
+    if not isinstance(sequential, bool) or (sequential and not layerwise):
+        raise ValueError(f"prune_llm: sequential must be True or False, and True only with a layer-wise method "
+                         f"{LAYERWISE_METHODS}; got sequential={sequential!r} with method={method!r}")
     check_count(nsamples, "nsamples")
     if seq_len is not None:
         check_count(seq_len, "seq_len", 2 if evaluate else 1)
@@ -521,6 +543,7 @@ def prune_llm(model_dir: str, out_dir: Optional[str], *, calib: str, sparsity: O
         "calib_portion": "first 90%" if evaluate and eval_path is None else "all",
         "eval": None if not evaluate else eval_path or "last 10% of calib", "seed": seed, "nsamples": nsamples,
         "seq_len": seq_len, "device": str(dev) if dev is not None else None, "dtype": None,
+        "blocksize": blocksize, "damp": damp, "sequential": sequential if layerwise else None,
         "eval_tokens": int(eval_ids.numel()) if eval_ids is not None else 0,
         "perplexity_before": None, "perplexity_after": None, "seconds": None, "versions": versions(),
         "detail": None}
@@ -539,7 +562,8 @@ def prune_llm(model_dir: str, out_dir: Optional[str], *, calib: str, sparsity: O
     say(f"pruning: {method}, pattern {pattern}, sparsity {sparsity:g}" + (f", scope {scope}" if scope else ""))
     if layerwise:
         result = prune_layerwise(model, windows.split(_CALIB_BATCH), sparsity=sparsity, pattern=pattern,
-                                 scope=scope, method=method, run=run_causal_lm, device=dev, progress=progress)
+                                 scope=scope, method=method, run=run_causal_lm, device=dev, progress=progress,
+                                 blocksize=blocksize, damp=damp, sequential=sequential)
         report["detail"] = result.to_dict()
     else:
         home = _device_of(model)
