@@ -146,6 +146,11 @@ MAPS = {
     "min_dim": (lambda v: v.min(2)[0], (2, 3, 4)),
     "adaptive_max_pool1d": (lambda v: F.adaptive_max_pool1d(v, 3), (2, 2, 7)),
     "where": (lambda v: torch.where(v > 0, v, 0.0), (2, 3, 2)),
+    "cumsum": (lambda v: v.cumsum(1), (2, 4)),
+    "unfold": (lambda v: F.unfold(v, 2), (1, 2, 3, 3)),  # overlapping patches
+    "fold": (lambda v: F.fold(v, (3, 3), 2), (1, 8, 4)),  # overlapping patches summed
+    "tensor_unfold": (lambda v: v.unfold(1, 3, 1), (2, 5)),
+    "roll_flip": (lambda v: v.roll(1, 1).flip(0), (2, 3)),
 }
 
 
@@ -367,3 +372,30 @@ def test_fisher_on_lstm_equals_a_loop_over_samples():
             (gr,) = torch.autograd.grad(nn.MSELoss(reduction="sum")(model(x[n:n + 1]), t[n:n + 1]), p)
             want += gr * gr
         torch.testing.assert_close(got[k], want, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("cell", ["LSTM", "GRU", "RNN"])
+def test_recurrent_layers_run_and_the_head_is_exact(cell):
+    """On CPU PyTorch records nn.LSTM / GRU / RNN as cell ops (addmm, unsafe_split,
+    sigmoid, tanh, products): obd / lm run, exact on the linear head under MSE."""
+    torch.manual_seed(0)
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn = getattr(nn, cell)(3, 4, num_layers=2, batch_first=True)
+            self.head = nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.head(self.rnn(x)[0])
+
+    model = M()
+    x, t = torch.randn(2, 4, 3), torch.randn(2, 4, 2)
+    ex = hessian_diag(model, nn.MSELoss(), (x, t), method="exact", params=["head.weight", "head.bias"],
+                      progress=False)
+    for method in ("obd", "lm"):
+        got = hessian_diag(model, nn.MSELoss(), (x, t), method=method, progress=False)
+        assert set(got) == {k for k, _ in model.named_parameters()}
+        assert all(bool(torch.isfinite(v).all()) and v.abs().sum() > 0 for v in got.values())
+        for k in ex:
+            torch.testing.assert_close(got[k], ex[k], rtol=1e-9, atol=1e-12)
