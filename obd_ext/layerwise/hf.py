@@ -36,8 +36,8 @@ import torch.nn as nn
 from torch import Tensor
 
 from ..vocabulary import LAYERWISE_METHODS, LLM_METHODS, check_method
-from .blockwise import (_check_surgeon_options, _prune_by_saliency, find_blocks, forward_blockwise, prune_layerwise, resolve_scope,
-                        resolve_sparsity)
+from .blockwise import (_check_surgeon_options, _prune_by_saliency, find_blocks, forward_blockwise, prune_layerwise,
+                        resolve_scope, resolve_sparsity)
 from .stats import prunable_layers, weight_rows_of
 
 __all__ = ["DTYPES", "check_model_dir", "check_text_file", "check_out_dir", "check_device", "check_count",
