@@ -151,6 +151,7 @@ MAPS = {
     "fold": (lambda v: F.fold(v, (3, 3), 2), (1, 8, 4)),  # overlapping patches summed
     "tensor_unfold": (lambda v: v.unfold(1, 3, 1), (2, 5)),
     "roll_flip": (lambda v: v.roll(1, 1).flip(0), (2, 3)),
+    "in_place_views": (lambda v: (v * 1.0).transpose_(0, 2).unsqueeze_(0).squeeze_(2).squeeze_(), (2, 1, 3)),
 }
 
 

@@ -248,6 +248,8 @@ _INDEX_MAPS = [
     "AsStridedBackward0", "AsStridedBackward1", "UnsafeSplitBackward0", "UnsafeSplitWithSizesBackward0", "MinBackward0",
     "TakeAlongDimBackward0", "NarrowBackward0", "RollBackward0", "FlipBackward0", "UnfoldBackward0",
     "ChannelShuffleBackward0", "Col2ImBackward0", "Im2ColBackward0", "CumsumBackward0",
+    # in-place views (transpose_, t_, unsqueeze_, squeeze_: GRU and RNN use them)
+    "TransposeBackward1", "TBackward1", "UnsqueezeBackward1", "SqueezeBackward3", "SqueezeBackward4", "SqueezeBackward5",
 ]
 
 
