@@ -277,6 +277,43 @@ def test_prune_layerwise_obs_is_obs_prune_on_each_layer():
     assert result.layers[0].name == "blocks.0.qkv" and result.calibration_rows == 4 * 4 * 16
 
 
+class _SharedBlock(nn.Module):
+    """Two layers fed one tensor (like q/k/v), then one fed their sum."""
+
+    def __init__(self, d=8):
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(d, d), nn.Linear(d, 2 * d), nn.Linear(d, d)
+
+    def forward(self, x):
+        return x + self.c(torch.tanh(self.a(x) + self.b(x)[..., :x.shape[-1]]))
+
+
+@pytest.mark.parametrize("pattern, scope", [("unstructured", "row"), ("unstructured", "layer"), ("2:4", "row")])
+def test_layers_sharing_an_input_are_pruned_as_if_alone(pattern, scope):
+    torch.manual_seed(0)
+    blocks = nn.ModuleList([_SharedBlock(), _SharedBlock()]).double()
+    model, manual = nn.Sequential(*blocks), copy.deepcopy(nn.Sequential(*blocks))
+    calib = [torch.randn(3, 5, 8, dtype=f64) for _ in range(2)]
+    result = prune_layerwise(model, calib, method="layerwise-obs", pattern=pattern, scope=scope, blocks=blocks,
+                             blocksize=4, progress=False)
+    h, expected = calib, []
+    for blk in manual:
+        with GramStats(prunable_layers(blk), acc_dtype=f64) as stats:
+            for v in h:
+                blk(v)
+        assert stats.shared() == {"a": ["a", "b"], "c": ["c"]}
+        for n, m in prunable_layers(blk).items():
+            r = obs_prune_(weight_rows(m), stats.gram(n), sparsity=0.5 if pattern == "unstructured" else None,
+                           pattern=pattern, scope=scope, blocksize=4, dtype=f64, name=n)
+            expected.append((r.deleted, r.predicted_increase))
+        with torch.no_grad():
+            h = [blk(v) for v in h]
+    for p, q in zip(model.parameters(), manual.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)
+    assert [r.deleted for r in result.layers] == [d for d, _ in expected]
+    assert [r.predicted_increase for r in result.layers] == pytest.approx([p for _, p in expected], rel=1e-9)
+
+
 def test_sequential_prunes_later_stages_on_pruned_inputs():
     calib = _batches(2)
     a, b = _gpt(), _gpt()

@@ -448,13 +448,30 @@ def _prune_with(stats, layers: Dict[str, nn.Module], sparsity: float, pattern: s
     if METHODS[method].statistics == "diagonal":
         curvatures = {n: stats.curvature(n).contiguous() for n in layers}
         return _prune_by_saliency(layers, curvatures, sparsity, pattern, scope)
-    reports = []
-    for n, m in layers.items():
-        w = weight_rows(m)
-        r = obs_prune_(w, stats.gram(n), sparsity=sparsity, pattern=pattern, scope=scope, blocksize=blocksize,
-                       damp=damp, dtype=torch.float64 if w.dtype == torch.float64 else torch.float32, name=n)
-        reports.append(LayerReport(n, list(w.shape), r.deleted, w.numel(), r.predicted_increase))
-    return reports
+    for n in layers:
+        stats.gram(n)  # every layer reached, every matrix finite: checked before any layer changes
+    reports: Dict[str, LayerReport] = {}
+    for lead, names in stats.shared().items():
+        weights = [weight_rows(layers[n]) for n in names]
+        # Layers sharing X^T X (q/k/v, gate/up) are swept as one matrix of stacked rows: one factorisation and
+        # one sweep instead of several, with the same result, since rows are independent for "row" and N:M.
+        # "layer" chooses over each layer's own rows, so those layers are swept one by one.
+        together = scope == "row" and len(names) > 1 and len({(w.dtype, w.device) for w in weights}) == 1
+        groups = [list(zip(names, weights))] if together else [[(n, w)] for n, w in zip(names, weights)]
+        for group in groups:
+            stacked = torch.cat([w for _, w in group]) if len(group) > 1 else group[0][1]
+            r = obs_prune_(stacked, stats.gram(lead), sparsity=sparsity, pattern=pattern, scope=scope,
+                           blocksize=blocksize, damp=damp, name="+".join(n for n, _ in group),
+                           dtype=torch.float64 if stacked.dtype == torch.float64 else torch.float32)
+            start = 0
+            for n, w in group:
+                rows = slice(start, start + w.shape[0])
+                if len(group) > 1:
+                    w.copy_(stacked[rows])
+                reports[n] = LayerReport(n, list(w.shape), int((~r.mask[rows]).sum()), w.numel(),
+                                         float(r.row_increase[rows].sum()))
+                start += w.shape[0]
+    return [reports[n] for n in layers]
 
 
 @torch.no_grad()

@@ -76,6 +76,8 @@ class SurgeonResult:
             ``w^2 / (2 U_jj^2)`` over live inputs: in exact arithmetic, the
             damped objective ``||X dW^T||^2 + lam/2 ||dW_live||^2`` of the final
             weights (an upper bound of the reconstruction error).
+        row_increase: the same per output row, float64 ``[outputs]`` (rows
+            are independent: the sum over a subset of rows is that subset's).
         damp: the relative damping actually used (larger than asked if the
             factorisation needed more).
         dead_inputs: inputs whose calibration activations are all zero.
@@ -84,6 +86,7 @@ class SurgeonResult:
     mask: Tensor
     deleted: int
     predicted_increase: float
+    row_increase: Tensor
     damp: float
     dead_inputs: int
 
@@ -248,7 +251,7 @@ def obs_prune_(weight: Tensor, gram: Tensor, *, sparsity: Optional[float] = None
     live = (~dead).double()
     k_row = count_for_sparsity(sparsity, cols) if nm is None else 0
     k_layer = count_for_sparsity(sparsity, rows * cols) if nm is None else 0
-    loss = torch.zeros((), dtype=torch.float64, device=device)
+    loss = torch.zeros(rows, dtype=torch.float64, device=device)
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
         count = i2 - i1
@@ -279,11 +282,11 @@ def obs_prune_(weight: Tensor, gram: Tensor, *, sparsity: Optional[float] = None
             err1[:, i] = e
         w[:, i1:i2] = w1
         keep[:, i1:i2] = keep1
-        loss += 0.5 * (err1.double().square().sum(0) * live[i1:i2]).sum()
+        loss.addmv_(err1.double().square(), live[i1:i2], alpha=0.5)
         if i2 < cols:
             w[:, i2:].addmm_(err1, u[i1:i2, i2:], alpha=-1)  # the block's updates of every later column at once
     if not bool(torch.isfinite(w).all()):
         raise RuntimeError(f"{name}: the surgeon's update produced non-finite weights (the layer's Hessian is too "
                            f"ill-conditioned at damp={used:g}; try a larger damp)")
     weight.copy_(w)
-    return SurgeonResult(keep, int((~keep).sum()), float(loss), used, int(dead.sum()))
+    return SurgeonResult(keep, int((~keep).sum()), float(loss.sum()), loss, used, int(dead.sum()))
