@@ -146,7 +146,6 @@ MAPS = {
     "min_dim": (lambda v: v.min(2)[0], (2, 3, 4)),
     "adaptive_max_pool1d": (lambda v: F.adaptive_max_pool1d(v, 3), (2, 2, 7)),
     "where": (lambda v: torch.where(v > 0, v, 0.0), (2, 3, 2)),
-    "cumsum": (lambda v: v.cumsum(1), (2, 4)),
     "unfold": (lambda v: F.unfold(v, 2), (1, 2, 3, 3)),  # overlapping patches
     "fold": (lambda v: F.fold(v, (3, 3), 2), (1, 8, 4)),  # overlapping patches summed
     "tensor_unfold": (lambda v: v.unfold(1, 3, 1), (2, 5)),

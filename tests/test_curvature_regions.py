@@ -487,9 +487,11 @@ def test_max_selections_are_exact(which):
         assert close(got, ex), (which, method)
 
 
-def test_instance_norm_error_does_not_send_the_user_to_eval():
-    from obd_ext.curvature import UnsupportedOpError
-
+def test_instance_norm_runs_in_eval_mode():
+    """InstanceNorm normalises with the input's own statistics in eval mode too (it was an
+    error sending the user to model.eval()): the per-row closed form (rules_layers.py)."""
     model = nn.Sequential(nn.Conv2d(1, 3, 3), nn.InstanceNorm2d(3), nn.Flatten(), nn.Linear(27, 2)).eval()
-    with pytest.raises(UnsupportedOpError, match=r"InstanceNorm.*used in 1 \(InstanceNorm2d\).*'hutchinson'"):
-        hessian_diag(model, nn.CrossEntropyLoss(), (torch.randn(2, 1, 5, 5), torch.tensor([0, 1])), progress=False)
+    data = (torch.randn(2, 1, 5, 5), torch.tensor([0, 1]))
+    ex = hessian_diag(model, nn.CrossEntropyLoss(), data, method="exact", params=["3.weight"], progress=False)
+    ob = hessian_diag(model, nn.CrossEntropyLoss(), data, progress=False)
+    assert close(ob["3.weight"], ex["3.weight"]) and ob["0.weight"].abs().sum() > 0

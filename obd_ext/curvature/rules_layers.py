@@ -247,7 +247,7 @@ _INDEX_MAPS = [
     "PixelShuffleBackward0", "PixelUnshuffleBackward0", "GatherBackward0", "IndexSelectBackward0",
     "AsStridedBackward0", "AsStridedBackward1", "UnsafeSplitBackward0", "UnsafeSplitWithSizesBackward0", "MinBackward0",
     "TakeAlongDimBackward0", "NarrowBackward0", "RollBackward0", "FlipBackward0", "UnfoldBackward0",
-    "ChannelShuffleBackward0", "Col2ImBackward0", "Im2ColBackward0", "CumsumBackward0",
+    "ChannelShuffleBackward0", "Col2ImBackward0", "Im2ColBackward0",
     # in-place views (transpose_, t_, unsqueeze_, squeeze_: GRU and RNN use them)
     "TransposeBackward1", "TBackward1", "UnsqueezeBackward1", "SqueezeBackward3", "SqueezeBackward4", "SqueezeBackward5",
 ]
