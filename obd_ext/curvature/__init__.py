@@ -50,7 +50,7 @@ from ..vocabulary import CURVATURE_METHODS, check_method
 from .estimators import exact, hutchinson, per_sample_squared
 from .graph import check_graph, checkpoint_guard
 from .naming import name_modules
-from .losses import Boundary, boundary_for
+from .losses import Boundary, boundary_for, loss_sweep_seed, model_end
 from .rules import UnsupportedOpError
 from .sweep import sweep
 
@@ -179,8 +179,10 @@ class CurvatureAccumulator:
     def __init__(self, model: nn.Module, loss_fn, method: str = "obd", params=None):
         if _check_method(method) not in ("obd", "lm"):
             raise ValueError(f"CurvatureAccumulator computes 'obd' or 'lm'; use hessian_diag for {method!r}")
-        self.model, self.method = model, method
-        self.boundary = boundary_for(loss_fn)
+        if not callable(loss_fn):
+            raise TypeError(f"loss_fn must be callable as loss_fn(output, target), got {type(loss_fn).__name__}")
+        self.model, self.method, self.loss_fn = model, method, loss_fn
+        self.boundary = boundary_for(loss_fn)  # the closed-form fast path, or None: through the loss's ops
         self.params = _selected(model, params)
         self._names = {id(v): k for k, v in self.params.items()}
         self._sum: Dict[str, Tensor] = {}
@@ -191,16 +193,32 @@ class CurvatureAccumulator:
         """Run the sweep from ``output`` (with its graph); returns the loss value (detached)."""
         lm = self.method == "lm"
         with cpu_block_cache():  # the sweep's temporaries recycle their pages
-            b: Boundary = self.boundary(output, target, need_g=not lm)
-            # Only the graph is needed from here on: dropping the output and the
-            # boundary tensors lets the sweep free them after the first node (with
-            # hessian_diag, which keeps no reference of its own: 3 logits-sized
-            # tensors, 384 MiB for the benchmark GPT at vocabulary 32k).
-            root, nr, loss = output.grad_fn, output.output_nr, b.loss
-            seed = [b.g, b.h_lm if lm else b.h_obd]
-            del output, b
+            b: Optional[Boundary] = None
+            # A trailing log_softmax belongs to the loss under lm (losses.py, "Where the
+            # model ends"): the closed forms would put the boundary after it.
+            if self.boundary is not None and output.grad_fn is not None and not (
+                    lm and type(output.grad_fn).__name__ == "LogSoftmaxBackward0"):
+                b = self.boundary(output, target, need_g=not lm)
+            if b is not None:
+                # Only the graph is needed from here on: dropping the output and the
+                # boundary tensors lets the sweep free them after the first node (with
+                # hessian_diag, which keeps no reference of its own: 3 logits-sized
+                # tensors, 384 MiB for the benchmark GPT at vocabulary 32k).
+                root, nr, loss = output.grad_fn, output.output_nr, b.loss
+                seed = [b.g, b.h_lm if lm else b.h_obd]
+                end, name = None, None
+                del b
+            else:  # the sweep starts at the scalar loss and goes through its own ops
+                full, name = loss_sweep_seed(self.loss_fn, output, target)
+                if output.grad_fn is None:
+                    raise ValueError("the model output has no autograd graph: does it depend on a parameter that "
+                                     "requires grad?")
+                root, nr, end, loss = full.grad_fn, 0, model_end(output), full.detach()
+                seed = [torch.ones_like(loss), torch.zeros_like(loss)]
+                del full
+            del output
             with torch.no_grad():
-                res = sweep(root, nr, seed, lm, self._names)
+                res = sweep(root, nr, seed, lm, self._names, model_root=end, loss_name=name)
             for k, v in res.items():
                 if k not in self._sum:
                     self._sum[k] = v  # the sweep's tensor: it may be shared (e.g. two biases of one sum)

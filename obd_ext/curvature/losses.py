@@ -1,8 +1,45 @@
-"""Boundary conditions of the curvature sweep: the loss's gradient and the
-diagonal of its Hessian with respect to the model output (docs/math.md,
-"Back-propagating second derivatives": the boundary condition).
+"""Where the curvature sweep starts: at the scalar loss, or at the model output
+with a closed-form boundary (docs/math.md, "Back-propagating second
+derivatives": the boundary condition).
 
-Each rule returns ``(loss, g, h_obd, h_lm)`` for a model output ``y``:
+The loss is part of the graph. ``obd`` and ``lm`` compute ``loss_fn(output,
+target)`` and start the sweep at the scalar loss with ``g = 1, H = 0``; the
+loss's own autograd nodes are swept with the same registry as the model's
+(rules_losses.py: log_softmax, nll_loss, mse/huber/smooth-l1/BCE nodes; sums,
+products, logs and the rest as anywhere). So any loss built from supported ops
+works: CrossEntropyLoss with class weights, label smoothing or probabilities,
+BCEWithLogitsLoss with ``weight``/``pos_weight``, NLLLoss, HuberLoss,
+SmoothL1Loss, KLDivLoss (``log_target`` either way), a loss plus a regulariser
+term, and a user's own loss written from torch ops. A loss node without a rule
+is an :class:`UnsupportedOpError` naming the loss.
+
+Fast paths (closed forms below, ``boundary_for``): plain nn.MSELoss,
+nn.CrossEntropyLoss with class indices (no weight, no label smoothing) and
+nn.BCEWithLogitsLoss without weights, and their functional forms with default
+arguments, seed the sweep at the model output directly: one fused pass, never a
+logits-sized graph of the loss (the benchmark GPT's vocabulary makes that
+matter). They give the same numbers as the sweep through the loss's ops.
+
+Where the model ends (what ``lm`` keeps):
+    The model output is the tensor handed to ``loss_fn``. For ``obd`` this
+    changes nothing (every node keeps its f'' term). For ``lm`` (Gauss-Newton),
+    the loss's nodes keep their f'' terms and the model's drop them: what
+    reaches the model output is the diagonal of the loss's own Hessian with
+    respect to it, computed through the loss's ops, and it is carried down the
+    model as ``J^T H J``. One exception: a model output made by ``log_softmax``
+    counts as part of the loss (the boundary is at the logits). Losses on
+    log-probabilities (NLLLoss, KLDivLoss, a likelihood written by hand) are
+    linear in them, so their Gauss-Newton matrix there is zero; at the logits,
+    ``log_softmax`` + NLL is cross-entropy, with its usual Gauss-Newton matrix.
+    Anything else the loss reads directly, such as the parameters in a
+    regulariser ``loss + 1e-3 * sum(w**2)``, is an output of the "model"
+    ``identity``: ``lm`` (and ``obd``) add the regulariser's own Hessian
+    diagonal (``2e-3`` per entry here). For a loss that is not convex in the
+    output, ``lm``'s boundary can be negative (``Curvature.negative`` counts it).
+    ``fisher`` and ``ggn-mc`` need per-sample losses: a regulariser term, or any
+    loss not in PER_SAMPLE_LOSSES, is a clear error there.
+
+Each closed-form rule returns ``(loss, g, h_obd, h_lm)`` for a model output ``y``:
 ``g = dL/dy`` (None where the caller needs no gradient and it would cost a
 logits-sized pass: cross-entropy under ``lm``), ``h_obd`` the diagonal of
 ``d2L/dy2`` and ``h_lm`` its Gauss-Newton counterpart (the same for the losses
@@ -17,7 +54,7 @@ its own: the sweep's elementwise rule adds its ``f''`` term.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -26,14 +63,18 @@ from torch import Tensor
 
 from .. import ops
 
-__all__ = ["Boundary", "boundary_for", "SUPPORTED_LOSSES", "PER_SAMPLE_LOSSES", "per_sample_scale", "sampled_targets",
+__all__ = ["Boundary", "boundary_for", "model_end", "loss_sweep_seed", "SUPPORTED_LOSSES", "PER_SAMPLE_LOSSES", "per_sample_scale", "sampled_targets",
            "categorical_draw"]
 
 # Losses that fisher / ggn-mc take: each is c * (sum of per-sample losses), c known.
 PER_SAMPLE_LOSSES = ("nn.MSELoss", "nn.CrossEntropyLoss (class indices or probabilities, weight, ignore_index, "
-                     "label_smoothing)", "nn.NLLLoss", "nn.BCEWithLogitsLoss (weight, pos_weight)", "F.mse_loss",
-                     "F.cross_entropy", "F.binary_cross_entropy_with_logits")
+                     "label_smoothing)", "nn.NLLLoss", "nn.BCEWithLogitsLoss (weight, pos_weight)", "nn.HuberLoss",
+                     "nn.SmoothL1Loss", "nn.KLDivLoss (log_target either way)", "F.mse_loss", "F.cross_entropy",
+                     "F.nll_loss", "F.binary_cross_entropy_with_logits", "F.huber_loss", "F.smooth_l1_loss",
+                     "F.kl_div")
 
+# Losses with a closed-form boundary (the fast path); any other loss built from
+# supported ops is swept through its own ops.
 SUPPORTED_LOSSES = ("nn.MSELoss", "nn.CrossEntropyLoss", "nn.BCEWithLogitsLoss", "F.mse_loss", "F.cross_entropy",
                     "F.binary_cross_entropy_with_logits")
 
@@ -104,40 +145,60 @@ def bce_with_logits(y: Tensor, target: Tensor, reduction: str = "mean") -> Bound
     return Boundary(loss, (s - t) * c, h, h, c)
 
 
-def boundary_for(loss_fn) -> Callable[..., Boundary]:
-    """The boundary rule for a loss module or functional, called as ``rule(y, target,
-    need_g=True)``; a clear error otherwise."""
+def boundary_for(loss_fn) -> Optional[Callable[..., Optional[Boundary]]]:
+    """The closed-form boundary of a loss module or functional (the fast path),
+    called as ``rule(y, target, need_g=True)``; None where the sweep goes through
+    the loss's own ops instead (any other loss; a rule returns None for targets it
+    does not take, such as class probabilities)."""
     if isinstance(loss_fn, nn.MSELoss) or loss_fn is F.mse_loss:
         red = getattr(loss_fn, "reduction", "mean")
         return lambda y, t, need_g=True: mse(y, t, red)
     if isinstance(loss_fn, nn.CrossEntropyLoss) or loss_fn is F.cross_entropy:
         if isinstance(loss_fn, nn.CrossEntropyLoss):
             if loss_fn.weight is not None or loss_fn.label_smoothing:
-                raise NotImplementedError(
-                    "obd_ext curvature: CrossEntropyLoss with class weights or label smoothing is not supported; "
-                    "use method='hutchinson' or 'exact'"
-                )
+                return None
             red, ign = loss_fn.reduction, loss_fn.ignore_index
         else:
             red, ign = "mean", -100
-        return lambda y, t, need_g=True: cross_entropy(y, t, red, ign, need_g)
+        return lambda y, t, need_g=True: None if t.is_floating_point() else cross_entropy(y, t, red, ign, need_g)
     if isinstance(loss_fn, nn.BCEWithLogitsLoss) or loss_fn is F.binary_cross_entropy_with_logits:
         if isinstance(loss_fn, nn.BCEWithLogitsLoss) and (loss_fn.weight is not None or loss_fn.pos_weight is not None):
-            raise NotImplementedError(
-                "obd_ext curvature: BCEWithLogitsLoss with weight or pos_weight is not supported; "
-                "use method='hutchinson' or 'exact'"
-            )
+            return None
         red = getattr(loss_fn, "reduction", "mean")
         return lambda y, t, need_g=True: bce_with_logits(y, t, red)
-    name = type(loss_fn).__name__ if isinstance(loss_fn, nn.Module) else getattr(loss_fn, "__name__", repr(loss_fn))
-    raise NotImplementedError(
-        f"obd_ext curvature: no second-order rule for the loss {name}; supported: {', '.join(SUPPORTED_LOSSES)}. "
-        "method='hutchinson' or 'exact' work with any loss."
-    )
+    return None
+
+
+def model_end(output: Tensor):
+    """The node where the model ends, for ``lm`` (module docstring, "Where the model
+    ends"): the output's ``grad_fn``, or the input's of a trailing ``log_softmax``."""
+    node = output.grad_fn
+    if type(node).__name__ == "LogSoftmaxBackward0" and node.next_functions[0][0] is not None:
+        return node.next_functions[0][0]
+    return node
+
+
+def loss_sweep_seed(loss_fn, output: Tensor, target) -> Tuple[Tensor, str]:
+    """``loss_fn(output, target)`` with its graph, checked to be a scalar that
+    depends on the output; and the loss's name for errors."""
+    name = _loss_name(loss_fn)
+    with torch.enable_grad():
+        loss = loss_fn(output, target)
+    if not isinstance(loss, Tensor):
+        raise TypeError(f"obd_ext curvature: the loss {name} returned {type(loss).__name__}, not a tensor")
+    if loss.numel() != 1:
+        raise ValueError(f"obd_ext curvature: the loss {name} returned a tensor of shape {tuple(loss.shape)}; obd and "
+                         "lm need a scalar loss (reduction 'mean' or 'sum', not 'none')")
+    if loss.grad_fn is None:
+        raise ValueError(f"obd_ext curvature: the loss {name} has no autograd graph: it does not depend on the model "
+                         "output (was the output detached?)")
+    return loss, name
 
 
 def _loss_name(loss_fn) -> str:
-    return type(loss_fn).__name__ if isinstance(loss_fn, nn.Module) else getattr(loss_fn, "__name__", repr(loss_fn))
+    if isinstance(loss_fn, nn.Module):
+        return type(loss_fn).__name__
+    return getattr(loss_fn, "__qualname__", None) or getattr(loss_fn, "__name__", None) or repr(loss_fn)
 
 
 def _per_sample_kind(loss_fn) -> str:
@@ -149,10 +210,15 @@ def _per_sample_kind(loss_fn) -> str:
         return "nll"
     if isinstance(loss_fn, nn.BCEWithLogitsLoss) or loss_fn is F.binary_cross_entropy_with_logits:
         return "bce"
+    if isinstance(loss_fn, (nn.HuberLoss, nn.SmoothL1Loss)) or loss_fn in (F.huber_loss, F.smooth_l1_loss):
+        return "huber"
+    if isinstance(loss_fn, nn.KLDivLoss) or loss_fn is F.kl_div:
+        return "kl"
     raise NotImplementedError(
         f"obd_ext curvature: fisher and ggn-mc need a loss that is a known multiple of a sum over samples; "
-        f"{_loss_name(loss_fn)} is not one of {', '.join(PER_SAMPLE_LOSSES)}. "
-        "method='hutchinson' or 'exact' work with any loss."
+        f"{_loss_name(loss_fn)} is not one of {', '.join(PER_SAMPLE_LOSSES)} (a regulariser term added to a loss "
+        "is not a sum over samples either: take fisher of the data loss and add the term's own curvature). "
+        "method='obd', 'lm', 'hutchinson' or 'exact' work with any loss built from supported ops."
     )
 
 
@@ -160,17 +226,20 @@ def per_sample_scale(loss_fn, out: Tensor, target: Tensor) -> float:
     """The factor c with ``loss_fn(out, target) = c * sum_n loss_n`` (loss_n: sample n's
     loss under reduction "sum"); a clear error for a loss fisher / ggn-mc cannot split.
 
-    "mean" divides by what PyTorch divides by: the number of entries (MSE, BCE), the
-    non-ignored class-index targets or their class weights' sum (cross-entropy, NLL),
-    and the rows for class-probability targets (N times the spatial size: never N x C).
+    "mean" divides by what PyTorch divides by: the number of entries (MSE, BCE, Huber,
+    SmoothL1, KLDiv), the non-ignored class-index targets or their class weights' sum
+    (cross-entropy, NLL), and the rows for class-probability targets (N times the
+    spatial size: never N x C); KLDiv's "batchmean" by the batch size.
     """
     kind = _per_sample_kind(loss_fn)
     red = getattr(loss_fn, "reduction", "mean")
     if red == "sum":
         return 1.0
+    if red == "batchmean" and kind == "kl":
+        return 1.0 / max(out.shape[0] if out.dim() else 1, 1)
     if red != "mean":
         raise ValueError(f"loss reduction must be 'mean' or 'sum' for curvature, got {red!r} ({_loss_name(loss_fn)})")
-    if kind in ("mse", "bce"):
+    if kind in ("mse", "bce", "huber", "kl"):
         return 1.0 / max(out.numel(), 1)
     if target.is_floating_point():  # class probabilities (cross-entropy only): mean over rows
         rows = out.numel() // out.shape[1] if out.dim() >= 2 else 1

@@ -43,6 +43,26 @@ def log_softmax(node, g: Grads, h: Grads, ctx: Ctx):
     return (g_in,), (h_in,)
 
 
+def logsumexp(node, g: Grads, h: Grads, ctx: Ctx):
+    """y = log sum_dims exp(x) (a cross-entropy written by hand): with p = exp(x - y),
+    dy/dx_j = p_j and d2y/dx_j^2 = p_j (1 - p_j), so H_x = p^2 H [+ p (1 - p) g]."""
+    x, y = node._saved_self, node._saved_result
+    dims = sorted(_signed(d) % max(x.dim(), 1) for d in node._saved_dim) if x.dim() else []
+    hh = h[0].to(x.dtype)
+    gg = g[0].to(x.dtype) if g[0] is not None and not ctx.lm else None
+    if not node._saved_keepdim:
+        for d in dims:  # back to x's rank, to broadcast
+            y, hh = y.unsqueeze(d), hh.unsqueeze(d)
+            gg = gg.unsqueeze(d) if gg is not None else None
+    p = (x - y).exp()
+    h_in = p * p * hh
+    g_in = None
+    if gg is not None:
+        h_in = h_in + p * (1.0 - p) * gg
+        g_in = p * gg if ctx.wants(0) else None
+    return (g_in,), (h_in,)
+
+
 def one_to_one_linear(node, g: Grads, h: Grads, ctx: Ctx):
     """A linear node in which each input entry reaches at most one output entry, with
     any coefficient a (nll_loss: -w_t / total weight at the target's entry, 0
@@ -158,6 +178,7 @@ def _abs(node):
 
 LOSS_RULES: Dict[str, Rule] = {
     "LogSoftmaxBackward0": Rule(log_softmax, second_order=True),
+    "LogsumexpBackward0": Rule(logsumexp, second_order=True),
     "NllLossBackward0": Rule(one_to_one_linear),
     "NllLoss2DBackward0": Rule(one_to_one_linear),
     "MseLossBackward0": Rule(pointwise_loss(_mse_derivs), second_order=True),
