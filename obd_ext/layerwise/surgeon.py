@@ -172,13 +172,21 @@ def damped_hessian(gram: Tensor, damp: float, dtype: torch.dtype) -> Tuple[Tenso
 
 
 def inverse_hessian_factor(h: Tensor) -> Optional[Tensor]:
-    """The upper Cholesky factor ``U`` of ``H^-1`` (``H^-1 = U^T U``), or None if ``H`` is not numerically PD."""
-    chol, info = torch.linalg.cholesky_ex(h)
+    """The upper Cholesky factor ``U`` of ``H^-1`` (``H^-1 = U^T U``), or None if ``H`` is not numerically PD.
+
+    With ``P`` the order-reversing permutation and ``P H P = L L^T`` (lower
+    Cholesky), ``H = R R^T`` with ``R = P L P`` upper triangular, so
+    ``H^-1 = (R^-1)^T R^-1`` and ``U = R^-1 = P L^-1 P``: one factorisation and
+    one triangular inverse, instead of SparseGPT's factorisation, inverse and
+    second factorisation of ``H^-1`` (measured as accurate in float32 against
+    float64).
+    """
+    chol, info = torch.linalg.cholesky_ex(h.flip(0, 1))
     if int(info):
         return None
-    hinv = torch.cholesky_inverse(chol)
-    u, info = torch.linalg.cholesky_ex(hinv, upper=True)
-    if int(info) or not bool(torch.isfinite(u.diagonal()).all()):
+    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+    u = torch.linalg.solve_triangular(chol, eye, upper=False).flip(0, 1)
+    if not bool(torch.isfinite(u.diagonal()).all()) or not bool((u.diagonal() > 0).all()):
         return None
     return u
 
@@ -246,8 +254,9 @@ def obs_prune_(weight: Tensor, gram: Tensor, *, sparsity: Optional[float] = None
                       RuntimeWarning, stacklevel=2)
     w = weight.detach().to(dtype=dtype, copy=True)
     keep = torch.ones((rows, cols), dtype=torch.bool, device=device)
+    inv_u = u.diagonal().reciprocal()
     # saliency w^2 / U_jj^2, and 0 for a dead input
-    inv_d2 = torch.where(dead, torch.zeros((), dtype=dtype, device=device), u.diagonal().square().reciprocal())
+    inv_d2 = torch.where(dead, torch.zeros((), dtype=dtype, device=device), inv_u.square())
     live = (~dead).double()
     k_row = count_for_sparsity(sparsity, cols) if nm is None else 0
     k_layer = count_for_sparsity(sparsity, rows * cols) if nm is None else 0
@@ -255,36 +264,41 @@ def obs_prune_(weight: Tensor, gram: Tensor, *, sparsity: Optional[float] = None
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
         count = i2 - i1
-        w1 = w[:, i1:i2].clone()
+        # The block is held transposed, [columns, rows], so that the update of the columns right of column i
+        # is one contiguous rank-1 update (addr_), the cheapest form on every backend measured.
+        w1 = w[:, i1:i2].t().contiguous()
         u1 = u[i1:i2, i1:i2]
-        err1 = torch.empty((rows, count), dtype=dtype, device=device)
-        keep1 = torch.ones((rows, count), dtype=torch.bool, device=device)
+        err1 = torch.empty((count, rows), dtype=dtype, device=device)
+        keep1 = torch.ones((count, rows), dtype=torch.bool, device=device)
         if nm is None:
-            scores = w1.square() * inv_d2[i1:i2]
+            scores = w1.square().mul_(inv_d2[i1:i2, None])
             if scope == "row":
                 kb = _cum(k_row, i2, cols) - _cum(k_row, i1, cols)
                 if kb:
-                    keep1.scatter_(1, torch.sort(scores, dim=1, stable=True).indices[:, :kb], False)
+                    keep1.scatter_(0, torch.sort(scores, dim=0, stable=True).indices[:kb], False)
             else:
                 kb = _cum(k_layer, i2, cols) - _cum(k_layer, i1, cols)
-                if kb:
-                    keep1.view(-1)[_lowest(scores.reshape(-1), kb)] = False
+                if kb:  # ties in row-major order of the [rows, columns] weight
+                    flat = torch.ones(rows * count, dtype=torch.bool, device=device)
+                    flat[_lowest(scores.t().reshape(-1), kb)] = False
+                    keep1 = flat.view(rows, count).t().contiguous()
+        # e_i = (w_i - q_i) / U_ii, nonzero where deleted
+        scale = (~keep1).to(dtype).mul_(inv_u[i1:i2, None])
         for i in range(count):
             if nm is not None and i % nm[1] == 0:
-                group = w1[:, i:i + nm[1]].square() * inv_d2[i1 + i:i1 + i + nm[1]]
-                idx = torch.sort(group, dim=1, stable=True).indices[:, :nm[1] - nm[0]]
-                keep1[:, i:i + nm[1]] = torch.ones_like(group, dtype=torch.bool).scatter_(1, idx, False)
-            col = w1[:, i]
-            q = col * keep1[:, i]
-            e = (col - q) / u1[i, i]
-            w1[:, i:].addr_(e, u1[i, i:], alpha=-1)  # the row's free weights re-fit (column i becomes q)
-            w1[:, i] = q  # exactly: 0 where deleted, the updated weight where kept
-            err1[:, i] = e
-        w[:, i1:i2] = w1
-        keep[:, i1:i2] = keep1
-        loss.addmv_(err1.double().square(), live[i1:i2], alpha=0.5)
+                g = slice(i, i + nm[1])
+                group = w1[g].square().mul_(inv_d2[i1 + i:i1 + i + nm[1], None])
+                idx = torch.sort(group, dim=0, stable=True).indices[:nm[1] - nm[0]]
+                keep1[g] = torch.ones_like(group, dtype=torch.bool).scatter_(0, idx, False)
+                scale[g] = (~keep1[g]).to(dtype).mul_(inv_u[i1 + i:i1 + i + nm[1], None])
+            e = torch.mul(w1[i], scale[i], out=err1[i])
+            w1[i:].addr_(u1[i, i:], e, alpha=-1)  # the rows' free weights re-fit; column i becomes ~q
+        w1.mul_(keep1)  # deleted weights exactly 0 (the update leaves rounding there); kept ones are untouched
+        w[:, i1:i2] = w1.t()
+        keep[:, i1:i2] = keep1.t()
+        loss.addmv_(err1.t().double().square(), live[i1:i2], alpha=0.5)
         if i2 < cols:
-            w[:, i2:].addmm_(err1, u[i1:i2, i2:], alpha=-1)  # the block's updates of every later column at once
+            w[:, i2:].addmm_(err1.t(), u[i1:i2, i2:], alpha=-1)  # the block's updates of every later column at once
     if not bool(torch.isfinite(w).all()):
         raise RuntimeError(f"{name}: the surgeon's update produced non-finite weights (the layer's Hessian is too "
                            f"ill-conditioned at damp={used:g}; try a larger damp)")
