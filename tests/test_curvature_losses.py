@@ -103,6 +103,7 @@ LOSSES = {
     "kldiv_log_target": (lambda r: nn.KLDivLoss(reduction=r, log_target=True), "logprobs", "log_softmax"),
     "bce_probabilities": (lambda r: nn.BCELoss(reduction=r), "binary", "sigmoid"),
     "soft_margin": (lambda r: nn.SoftMarginLoss(reduction=r), "sign", None),
+    "l1": (lambda r: nn.L1Loss(reduction=r), "real", None),
     "own_cross_entropy": (lambda r: (lambda o, t: getattr(torch, r)(
         torch.logsumexp(o, 1) - o.gather(1, t.clamp_min(0).unsqueeze(1)).squeeze(1))), "index", None),
     "mse_regulariser": (None, "real", None),  # built per model: it reads the model's parameters
@@ -194,7 +195,7 @@ class Scale(nn.Module):
         return x[:, :C] * self.s + self.b
 
 
-ELEMENTWISE = ["bce_pos_weight", "bce_weight_pos_weight", "huber", "smooth_l1", "soft_margin", "own_loss",
+ELEMENTWISE = ["bce_pos_weight", "bce_weight_pos_weight", "huber", "smooth_l1", "soft_margin", "l1", "own_loss",
                "mse_regulariser"]
 
 

@@ -15,8 +15,13 @@ user's modules that made it.
 Where ``obd`` / ``lm`` are exact (the Hessian's / Gauss-Newton diagonal, to
 rounding; each case is tested against autograd in float64):
 
-- the last layer's weights and biases under MSE, BCE-with-logits and softmax
-  cross-entropy, and under MSE also the layer before the last;
+- the last layer's weights and biases under any loss of per-sample terms whose
+  ops have rules (MSE, BCE-with-logits with ``pos_weight``, cross-entropy with
+  weights / label smoothing / probabilities, NLL after ``log_softmax``, Huber,
+  SmoothL1, KLDiv, a regulariser term, a loss of your own: the sweep goes
+  through the loss's own ops, losses.py), and under MSE also the layer before
+  the last; ``lm`` there is the Gauss-Newton diagonal ``J^T H_loss J`` with the
+  model ending at the loss's input;
 - every elementwise region (regions.py): a tensor entering an elementwise
   expression more than once (``u * u``, ``x * sigmoid(x)``, Mish, GPT-2's
   ``gelu_new`` written out) is swept as one function with its true f' and f'',
@@ -190,14 +195,19 @@ class CurvatureAccumulator:
         self.batches = 0
 
     def accumulate(self, output: Tensor, target: Tensor) -> Tensor:
-        """Run the sweep from ``output`` (with its graph); returns the loss value (detached)."""
+        """Run the sweep from ``output`` (with its graph); returns the loss value (detached).
+
+        Plain MSE / cross-entropy / BCE-with-logits start at ``output`` with their
+        closed forms; any other loss is computed here as ``loss_fn(output, target)``
+        and the sweep starts at it, through the loss's own ops (losses.py)."""
         lm = self.method == "lm"
+        if not isinstance(output, Tensor) or output.grad_fn is None:
+            raise ValueError("the model output has no autograd graph: does it depend on a parameter that requires grad?")
         with cpu_block_cache():  # the sweep's temporaries recycle their pages
             b: Optional[Boundary] = None
             # A trailing log_softmax belongs to the loss under lm (losses.py, "Where the
             # model ends"): the closed forms would put the boundary after it.
-            if self.boundary is not None and output.grad_fn is not None and not (
-                    lm and type(output.grad_fn).__name__ == "LogSoftmaxBackward0"):
+            if self.boundary is not None and not (lm and type(output.grad_fn).__name__ == "LogSoftmaxBackward0"):
                 b = self.boundary(output, target, need_g=not lm)
             if b is not None:
                 # Only the graph is needed from here on: dropping the output and the
@@ -210,9 +220,6 @@ class CurvatureAccumulator:
                 del b
             else:  # the sweep starts at the scalar loss and goes through its own ops
                 full, name = loss_sweep_seed(self.loss_fn, output, target)
-                if output.grad_fn is None:
-                    raise ValueError("the model output has no autograd graph: does it depend on a parameter that "
-                                     "requires grad?")
                 root, nr, end, loss = full.grad_fn, 0, model_end(output), full.detach()
                 seed = [torch.ones_like(loss), torch.zeros_like(loss)]
                 del full
@@ -288,11 +295,17 @@ def hessian_diag(model: nn.Module, loss_fn, data, method: str = "obd", reduction
 
     Args:
         model: any nn.Module; frozen parameters (requires_grad=False) are skipped.
-        loss_fn: for ``obd``/``lm``: nn.MSELoss / nn.CrossEntropyLoss (class
-            indices) / nn.BCEWithLogitsLoss or the functional forms; for
-            ``fisher``: also class-probability targets, class weights, label
-            smoothing, ignore_index, nn.NLLLoss, BCE weights (losses.PER_SAMPLE_LOSSES);
-            any loss for ``hutchinson`` and ``exact``.
+        loss_fn: called as ``loss_fn(model(x), y)``, returning a scalar. For
+            ``obd``/``lm`` any loss built from ops with rules: the sweep starts at
+            the loss and goes through its own ops (CrossEntropyLoss with weights,
+            label smoothing or probabilities, BCEWithLogitsLoss with
+            ``pos_weight``, NLLLoss, Huber, SmoothL1, KLDiv, a regulariser term
+            added, your own; plain MSE / CE / BCE-with-logits take closed-form
+            fast paths); for ``lm`` the model ends at ``loss_fn``'s input, a
+            trailing log_softmax counted as the loss's (losses.py, "Where the
+            model ends"). For ``fisher``/``ggn-mc`` a loss of
+            losses.PER_SAMPLE_LOSSES, reduction "mean" or "sum" (KLDiv also
+            "batchmean"); any loss for ``hutchinson`` and ``exact``.
         data: an iterable of (inputs, targets) batches, or one such pair.
         method: one of METHODS.
         reduction: "mean" averages the per-batch curvatures (the curvature of
