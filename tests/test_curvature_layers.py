@@ -399,3 +399,37 @@ def test_recurrent_layers_run_and_the_head_is_exact(cell):
         assert all(bool(torch.isfinite(v).all()) and v.abs().sum() > 0 for v in got.values())
         for k in ex:
             torch.testing.assert_close(got[k], ex[k], rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("cell", ["LSTM", "GRU"])
+def test_recurrent_layers_in_float32_record_cell_ops(cell):
+    """In float32 on CPU PyTorch runs nn.LSTM / GRU as one oneDNN node (cuDNN on GPU),
+    which no rule can read and which has no double backward: recordable(model) runs
+    them as cell ops (same outputs to rounding), for every method."""
+    from obd_ext.curvature import recordable
+
+    torch.manual_seed(0)
+    model = nn.Sequential()
+    model.rnn = getattr(nn, cell)(3, 4, batch_first=True)
+    model = model.float()
+    head = nn.Linear(4, 2).float()
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn, self.head = model.rnn, head
+
+        def forward(self, x):
+            return self.head(self.rnn(x)[0])
+
+    m = M()
+    x, t = torch.randn(2, 5, 3, dtype=torch.float32), torch.randn(2, 5, 2, dtype=torch.float32)
+    with recordable(m):
+        y = m(x)
+    torch.testing.assert_close(y, m(x), rtol=1e-5, atol=1e-6)
+    ex = hessian_diag(m, nn.MSELoss(), (x, t), method="exact", params=["head.weight"], progress=False)
+    for method in ("obd", "lm", "hutchinson", "fisher"):
+        got = hessian_diag(m, nn.MSELoss(), (x, t), method=method, progress=False)
+        assert all(bool(torch.isfinite(v).all()) for v in got.values()) and got["rnn.weight_hh_l0"].abs().sum() > 0
+        if method in ("obd", "lm"):
+            torch.testing.assert_close(got["head.weight"], ex["head.weight"], rtol=1e-4, atol=1e-6)

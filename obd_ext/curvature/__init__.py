@@ -44,7 +44,8 @@ error for every method (use ``use_reentrant=False``, which all support).
 
 from __future__ import annotations
 
-from typing import Dict, Iterable, Optional, Tuple
+import contextlib
+from typing import Dict, Iterable, Iterator, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -65,17 +66,27 @@ __all__ = ["METHODS", "Curvature", "hessian_diag", "CurvatureAccumulator", "Unsu
 METHODS = CURVATURE_METHODS
 
 
-def recordable():
+@contextlib.contextmanager
+def recordable(model: Optional[nn.Module] = None) -> Iterator[None]:
     """Context for forward passes the sweep will walk.
 
     ``F.scaled_dot_product_attention`` normally runs fused kernels whose
     backward is one opaque node; under the math backend it is recorded as
-    matmuls, a scale and a softmax, which have rules. Use it around your own
+    matmuls, a scale and a softmax, which have rules. Given a ``model`` with
+    recurrent layers (nn.LSTM, nn.GRU, nn.RNN), those run as their cell ops
+    instead of oneDNN / cuDNN kernels (recording.py). Use it around your own
     forward when feeding a CurvatureAccumulator; hessian_diag uses it itself.
     """
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    return sdpa_kernel(SDPBackend.MATH)
+    from .recording import RecurrentAsCellOps, has_recurrent
+
+    with sdpa_kernel(SDPBackend.MATH):
+        if model is not None and has_recurrent(model):
+            with RecurrentAsCellOps():
+                yield
+        else:
+            yield
 
 
 class Curvature(dict):
@@ -164,7 +175,7 @@ class CurvatureAccumulator:
 
         acc = CurvatureAccumulator(model, nn.CrossEntropyLoss(), method="lm")
         for x, y in loader:
-            with obd_ext.curvature.recordable():  # only needed for F.scaled_dot_product_attention
+            with obd_ext.curvature.recordable(model):  # attention, recurrent layers
                 out = model(x)
             loss = acc.accumulate(out, y)     # the sweep; the graph stays intact
             loss_fn(out, y).backward(); opt.step(); opt.zero_grad()
@@ -341,7 +352,7 @@ def hessian_diag(model: nn.Module, loss_fn, data, method: str = "obd", reduction
     # forward, boundary and sweep of every batch reuse each other's blocks; every
     # method records attention through its math path (the fused kernels' backward
     # is one opaque node for obd/lm and has no derivative for hutchinson/exact)
-    with cpu_block_cache(), checkpoint_guard(method), recordable():
+    with cpu_block_cache(), checkpoint_guard(method), recordable(model):
         for x, y in batches:
             count += 1
             if method in ("obd", "lm"):
