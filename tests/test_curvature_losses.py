@@ -228,6 +228,37 @@ def test_per_feature_scales_are_exact(name, reduction):
     assert close(lm["b"], h_out.sum(0) + reg)
 
 
+class ScaleAct(Scale):
+    """u = x * s + b, then u * tanh(u) (u twice: an elementwise region in the model)."""
+
+    def forward(self, x):
+        u = super().forward(x)
+        return u * torch.tanh(u)
+
+
+def test_regions_on_both_sides_of_the_model_output():
+    """The model's region (u * tanh(u)) and the loss's (the output entering the loss
+    twice) meet at one join; obd sweeps them as one, lm apart (the model's f'' dropped,
+    the loss's kept): both exact here, where everything is elementwise."""
+    model = ScaleAct().double()
+    x, t = _inputs(), _targets("real")
+    loss_fn = LOSSES["own_loss"][0]("mean")
+    ps = {k: v.detach() for k, v in model.named_parameters()}
+    full = torch.autograd.functional.hessian(
+        lambda s, b: loss_fn(functional_call(model, {"s": s, "b": b}, (x,)), t), (ps["s"], ps["b"]))
+    ob = hessian_diag(model, loss_fn, (x, t), method="obd", progress=False)
+    for i, k in enumerate(("s", "b")):
+        assert close(ob[k], torch.diagonal(full[i][i])), k
+    out = model(x).detach()
+    h_out = torch.autograd.functional.hessian(lambda o: loss_fn(o.reshape(out.shape), t), out.reshape(-1))
+    h_out = torch.diagonal(h_out).reshape(out.shape)
+    jac = torch.func.jacrev(lambda p: functional_call(model, p, (x,)))(ps)  # (N, C, C): diagonal in C
+    lm = hessian_diag(model, loss_fn, (x, t), method="lm", progress=False)
+    for k in ("s", "b"):
+        j = torch.diagonal(jac[k], dim1=1, dim2=2)
+        assert close(lm[k], (j * j * h_out).sum(0)), k
+
+
 def test_regulariser_adds_its_own_hessian_to_every_parameter():
     model = Head().double()
     x, t = _inputs(), _targets("real")

@@ -93,9 +93,13 @@ def sweep(root, output_nr: int, seed: List[Optional[Tensor]], lm: bool,
     # swept as one function of their inputs.
     order = _topological([root], lambda n: [c for c, _ in n.next_functions if c is not None], consumers)
     loss_side = _loss_side(order, model_root) if model_root is not None else frozenset()
-    regions = find_regions(order, consumers)
-    if lm and loss_side:  # a region is swept in one mode: one spanning loss and model is left to per-node rules
-        regions = [r for r in regions if len({n in loss_side for n in r.nodes}) == 1]
+    if lm and loss_side:
+        # A region is swept in one mode: under lm the loss's (f'' kept) and the model's
+        # (f'' dropped) are found apart, so that none spans the two.
+        regions = (find_regions([n for n in order if n in loss_side], consumers)
+                   + find_regions([n for n in order if n not in loss_side], consumers))
+    else:
+        regions = find_regions(order, consumers)
     while True:
         unit_of: Dict[object, object] = {node: node for node in order}
         for region in regions:
