@@ -28,14 +28,18 @@ rounding; each case is tested against autograd in float64):
   so per-feature scales and biases under an elementwise loss are exact;
 - linear maps with one weight per entry: average pools of every kind (each
   window's own divisor: padding, ``ceil_mode``, ``count_include_pad``,
-  ``divisor_override``, uneven adaptive windows), views, sums, means.
+  ``divisor_override``, uneven adaptive windows), views, sums, means,
+  interpolation (squared separable weights), index maps (gather,
+  index_select, pixel shuffle, nearest upsampling, where);
+- each norm's own rule, per row of normalised entries: LayerNorm, GroupNorm,
+  BatchNorm with batch statistics, InstanceNorm, and RMS norms written out
+  (``x * rsqrt(mean(x^2) + eps)``: recognised as one unit, patterns.py).
 
 Where the diagonal approximation drops cross terms (as the paper does): between
 units of one layer below the last (through a weight matrix, a convolution,
-attention, softmax, a norm's mean or variance), along paths that leave the
-elementwise ops and rejoin (residual blocks, RMSNorm's ``x * rsqrt(mean(x^2))``,
-gates ``x * sigmoid(W x)``), and between entries of one shared or broadcast
-parameter. ``fisher`` is the empirical Fisher exactly (equal to a per-sample
+attention, softmax, between the rows of a norm), along paths that leave the
+elementwise ops and rejoin (residual blocks, gates ``x * sigmoid(W x)``, an
+LSTM's gates), and between entries of one shared or broadcast parameter. ``fisher`` is the empirical Fisher exactly (equal to a per-sample
 loop); ``exact`` is autograd's diagonal.
 
 A block under ``torch.utils.checkpoint(..., use_reentrant=True)`` is a clear
