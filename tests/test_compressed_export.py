@@ -66,6 +66,15 @@ def test_one_weight_round_trip_and_layout(dtype):
     assert _same_bits(decompress_2of4(c["compressed"], c["bitmask"], c["shape"]), w)
 
 
+def test_negative_zeros_read_back_as_positive_zeros():
+    """A deleted -0.0 (the surgeon's updates leave some) is a zero: not counted as kept, read back as +0.0."""
+    w = torch.tensor([[-0.0, 1.0, -0.0, 2.0], [-0.0, -0.0, -0.0, -0.0]], dtype=torch.bfloat16)
+    c = compress_2of4(w)
+    back = decompress_2of4(c["compressed"], c["bitmask"], c["shape"])
+    assert torch.equal(back, w)  # equal values
+    assert not torch.signbit(back[0, [0, 2]]).any()  # the deleted places are +0.0
+
+
 def test_one_weight_not_2of4_names_the_layer():
     w = torch.ones(4, 8)
     with pytest.raises(ValueError, match=r"model\.layers\.3\.mlp\.up_proj\.weight is not 2:4 sparse: row 0"):
