@@ -234,6 +234,23 @@ def test_gram_stats_share_one_matrix_per_input():
         GramStats({"conv": nn.Conv2d(1, 1, 3)})
 
 
+def test_gram_stats_share_q_k_v_and_gate_up_of_a_llama_block():
+    tf = pytest.importorskip("transformers")
+    cfg = tf.LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    torch.manual_seed(0)
+    model = tf.LlamaForCausalLM(cfg).eval()
+    block = model.model.layers[0]
+    with GramStats(prunable_layers(block)) as stats, torch.no_grad():
+        for _ in range(2):
+            model(torch.randint(0, 100, (2, 16)))
+    assert stats.shared() == {"self_attn.q_proj": ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
+                              "self_attn.o_proj": ["self_attn.o_proj"],
+                              "mlp.gate_proj": ["mlp.gate_proj", "mlp.up_proj"],
+                              "mlp.down_proj": ["mlp.down_proj"]}
+    assert stats.rows["self_attn.v_proj"] == stats.rows["mlp.down_proj"] == 64
+
+
 # ---------------------------------------------------------------------------
 # Block by block: prune_layerwise(method="layerwise-obs")
 # ---------------------------------------------------------------------------
