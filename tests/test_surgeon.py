@@ -331,11 +331,12 @@ def test_layers_sharing_an_input_are_pruned_as_if_alone(pattern, scope):
     assert [r.predicted_increase for r in result.layers] == pytest.approx([p for _, p in expected], rel=1e-9)
 
 
-def test_sequential_prunes_later_stages_on_pruned_inputs():
+@pytest.mark.parametrize("method", ["layerwise-obs", "layerwise-obd"])
+def test_sequential_prunes_later_stages_on_pruned_inputs(method):
     calib = _batches(2)
     a, b = _gpt(), _gpt()
-    prune_layerwise(a, calib, method="layerwise-obs", pattern="2:4", progress=False)
-    prune_layerwise(b, calib, method="layerwise-obs", pattern="2:4", progress=False, sequential=True)
+    prune_layerwise(a, calib, method=method, pattern="2:4", progress=False)
+    prune_layerwise(b, calib, method=method, pattern="2:4", progress=False, sequential=True)
     blk_a, blk_b = a.blocks[0], b.blocks[0]
     assert torch.equal(blk_a.qkv.weight, blk_b.qkv.weight)  # the first stage sees the same inputs
     assert not torch.equal(blk_a.proj.weight, blk_b.proj.weight)  # later stages see the pruned qkv's outputs
