@@ -366,6 +366,27 @@ def test_fisher_equals_a_per_sample_loop(name, reduction, conv):
         assert close(res[k], ref[k]), (k, float((res[k] - ref[k]).abs().max()))
 
 
+@pytest.mark.parametrize("conv", [False, True], ids=["mlp", "conv"])
+def test_ggn_mc_with_nll_after_log_softmax(conv):
+    """ggn-mc draws classes from the model's log-probabilities: the same as cross-entropy
+    on the logits with the same draws (ignored positions stay ignored)."""
+    model = Head(end="log_softmax", conv=conv).double()
+    x, t = _inputs(conv), _targets("index", conv)
+    res = hessian_diag(model, nn.NLLLoss(), (x, t), method="ggn-mc", seed=3, progress=False)
+    with torch.no_grad():
+        drawn = losses_mod.sampled_targets(model(x), nn.NLLLoss(), torch.Generator().manual_seed(3), t)
+    assert bool((drawn.view(-1)[1] == -100)) and bool((drawn >= 0).sum() == drawn.numel() - 1)
+    ref = loop_fisher(model, nn.NLLLoss(), x, drawn)
+    for k in ref:
+        assert close(res[k], ref[k]), k
+    model.end = None
+    ce = hessian_diag(model, nn.CrossEntropyLoss(), (x, t), method="ggn-mc", seed=3, progress=False)
+    for k in ref:
+        assert close(res[k], ce[k]), k
+    with pytest.raises(NotImplementedError, match="ggn-mc.*NLLLoss with class weights"):
+        hessian_diag(model, nn.NLLLoss(weight=WEIGHT.double()), (x, t), method="ggn-mc", progress=False)
+
+
 def test_functional_losses_for_fisher():
     model = Head().double()
     x, t = _inputs(), _targets("real")

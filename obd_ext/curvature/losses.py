@@ -279,14 +279,17 @@ def sampled_targets(y: Tensor, loss_fn, generator: Optional[torch.Generator] = N
     ignored: the loss leaves them out, so must its curvature.
     """
     y = y.detach()
-    if isinstance(loss_fn, nn.CrossEntropyLoss) or loss_fn is F.cross_entropy:
-        if isinstance(loss_fn, nn.CrossEntropyLoss) and (loss_fn.weight is not None or loss_fn.label_smoothing):
+    nll = isinstance(loss_fn, nn.NLLLoss) or loss_fn is F.nll_loss
+    if isinstance(loss_fn, nn.CrossEntropyLoss) or loss_fn is F.cross_entropy or nll:
+        if isinstance(loss_fn, (nn.CrossEntropyLoss, nn.NLLLoss)) and (
+                loss_fn.weight is not None or getattr(loss_fn, "label_smoothing", 0.0)):
             raise NotImplementedError(
                 "obd_ext curvature: ggn-mc draws class targets from the model, which estimates the Gauss-Newton "
-                "matrix of the plain cross-entropy only; CrossEntropyLoss with class weights or label smoothing "
-                "is not supported by ggn-mc. Use method='fisher', 'hutchinson' or 'exact'."
+                f"matrix of the plain cross-entropy only; {_loss_name(loss_fn)} with class weights or label "
+                "smoothing is not supported by ggn-mc. Use method='fisher', 'hutchinson' or 'exact'."
             )
-        probs = F.softmax(y, dim=1).movedim(1, -1).reshape(-1, y.shape[1])
+        # NLLLoss takes log-probabilities (a model ending in log_softmax): they are the draw's own
+        probs = (y.exp() if nll else F.softmax(y, dim=1)).movedim(1, -1).reshape(-1, y.shape[1])
         drawn = categorical_draw(probs, generator).reshape(y.movedim(1, -1).shape[:-1])
         ign = getattr(loss_fn, "ignore_index", -100)
         if 0 <= ign < y.shape[1]:
