@@ -65,7 +65,7 @@ class Method:
 METHODS: Dict[str, Method] = {m.name: m for m in (
     Method("obd", "diagonal Hessian by back-propagated second derivatives (the paper's eq. 7)",
            "about one backward pass", True),
-    Method("lm", "Levenberg-Marquardt: eq. 7 without the f'' terms (Gauss-Newton diagonal, never negative)",
+    Method("lm", "Levenberg-Marquardt: eq. 7 without the f'' terms (Gauss-Newton diagonal, never negative under a convex loss)",
            "about one backward pass", True),
     Method("fisher", "empirical Fisher: mean of squared per-sample gradients",
            "one backward pass per sample, batched", True),

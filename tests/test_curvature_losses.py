@@ -425,3 +425,15 @@ def test_clear_errors_for_unsupported_cases():
         CurvatureAccumulator(model, "mse")
     # the closed forms' own errors are kept
     assert losses_mod.boundary_for(nn.CrossEntropyLoss(label_smoothing=0.1)) is None
+
+
+def test_lm_keeps_the_sign_of_a_non_convex_loss():
+    """lm's boundary is the loss's own Hessian diagonal: for a loss concave in the output
+    it is negative, and Curvature.negative says so (never clipped to a silent zero)."""
+    model = Head().double()
+    x, t = _inputs(), _targets("real")
+    lm = hessian_diag(model, lambda o, y: -F.mse_loss(o, y), (x, t), method="lm", progress=False)
+    ref = hessian_diag(model, nn.MSELoss(), (x, t), method="lm", progress=False)
+    for k in ref:
+        assert close(lm[k], -ref[k]), k
+    assert lm.total_negative > 0

@@ -4,7 +4,8 @@
 
 - ``obd``: the paper's back-propagated diagonal (eq. 7, with f'' terms); can be
   negative away from a minimum (``Curvature.negative`` counts them);
-- ``lm``: Levenberg-Marquardt / Gauss-Newton (f'' dropped; never negative);
+- ``lm``: Levenberg-Marquardt / Gauss-Newton (the model's f'' dropped, the loss's
+  kept; never negative under a loss convex in the model output);
 - ``fisher``, ``ggn-mc``, ``hutchinson``, ``exact``: see estimators.py.
 
 ``CurvatureAccumulator`` is the same sweep driven from the user's own training
@@ -101,7 +102,8 @@ class Curvature(dict):
         reduction: "mean" (averaged over batches) or "sum".
         batches: number of batches seen.
         negative: name -> number of negative entries (only ``obd``,
-            ``hutchinson`` and ``exact`` can have any).
+            ``hutchinson``, ``exact``, and ``lm`` under a loss not convex in the
+            model output can have any).
     """
 
     def __init__(self, values: Dict[str, Tensor], method: str, reduction: str, batches: int):
