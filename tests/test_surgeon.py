@@ -162,6 +162,15 @@ def test_all_inputs_dead():
     assert torch.equal(res.mask, torch.arange(8).expand(3, 8) >= 4)
 
 
+def test_empty_layers():
+    for rows, cols, pattern in ((0, 8, "unstructured"), (3, 0, "unstructured"), (0, 8, "2:4")):
+        w = torch.zeros(rows, cols)
+        res = obs_prune_(w, torch.eye(cols), sparsity=0.5 if pattern == "unstructured" else None, pattern=pattern,
+                         blocksize=8)
+        assert res.deleted == 0 and res.predicted_increase == 0 and res.mask.shape == (rows, cols)
+    assert repr(res) == "SurgeonResult(shape=[0, 8], deleted=0, predicted_increase=0, damp=0.01, dead_inputs=0)"
+
+
 @pytest.mark.parametrize("change, message", [
     (dict(gram=torch.full((8, 8), float("nan"))), "Gram matrix X^T X is not finite at [0, 0]"),
     (dict(gram=torch.eye(5)), r"must be a floating [8, 8] tensor"),

@@ -90,6 +90,12 @@ class SurgeonResult:
     damp: float
     dead_inputs: int
 
+    def __repr__(self) -> str:
+        # a summary: the mask of a large layer would print pages
+        return (f"SurgeonResult(shape={list(self.mask.shape)}, deleted={self.deleted}, "
+                f"predicted_increase={self.predicted_increase:.6g}, damp={self.damp:g}, "
+                f"dead_inputs={self.dead_inputs})")
+
 
 def check_surgeon_args(weight: Tensor, gram: Tensor, sparsity: Optional[float], pattern: str, scope: str,
                        blocksize: int, damp: float, dtype: torch.dtype, name: str) -> Tuple[float, Optional[tuple]]:
