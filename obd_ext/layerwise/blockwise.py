@@ -26,6 +26,7 @@ the device.
 
 from __future__ import annotations
 
+import numbers
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
@@ -516,7 +517,7 @@ def _check_surgeon_options(method: str, scope: str, pattern: str, blocksize: Opt
     damp = DEFAULT_DAMP if damp is None else damp
     if isinstance(blocksize, bool) or not isinstance(blocksize, int) or blocksize < 1:
         raise ValueError(f"{where}: blocksize must be an integer >= 1, got {blocksize!r}")
-    if isinstance(damp, bool) or not isinstance(damp, (int, float)) or not damp >= 0 or damp == float("inf"):
+    if isinstance(damp, bool) or not isinstance(damp, numbers.Real) or not 0 <= damp < float("inf"):
         raise ValueError(f"{where}: damp must be a finite number >= 0, got {damp!r}")
     nm = parse_pattern(pattern)
     if nm is not None and blocksize % nm[1]:
