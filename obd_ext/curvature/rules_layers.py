@@ -170,9 +170,11 @@ def resample(name: str) -> Callable:
         hh = h[0]
         scales = [getattr(node, name) for name in scale_names]
         for k in range(nd):
-            a = _axis_matrix(op, k, sizes_in, sizes_out, align, scales, hh)
+            # the weights in float32 at least (half-precision interpolation kernels are not everywhere)
+            like = hh if hh.dtype in (torch.float32, torch.float64) else hh.float()
+            a = _axis_matrix(op, k, sizes_in, sizes_out, align, scales, like)
             dim = hh.dim() - nd + k
-            hh = (hh.movedim(dim, -1) @ (a * a)).movedim(-1, dim)
+            hh = (hh.movedim(dim, -1) @ (a * a).to(hh.dtype)).movedim(-1, dim)
         g_in = _call(node, g)[0] if ctx.need_g and g[0] is not None else None
         return (g_in,), (hh,)
 
