@@ -42,29 +42,31 @@ class Scaled(nn.Module):
         return self.fn(self.s * x)
 
 
-def check_scaled(fn, shape, seed=0, x0=None):
-    """obd equals the Hessian's diagonal and lm the Gauss-Newton diagonal in s, exactly."""
+def check_scaled(fn, shape, seed=0, x0=None, ref=None):
+    """obd equals the Hessian's diagonal and lm the Gauss-Newton diagonal in s, exactly
+    (``ref``: the same function written with ops that have a double backward)."""
     gen = torch.Generator().manual_seed(seed)
     model = Scaled(fn, shape, gen)
     x0 = torch.randn(shape, generator=gen) if x0 is None else x0
     with torch.no_grad():
         t = torch.randn(fn(x0).shape, generator=gen)
     loss = nn.MSELoss(reduction="sum")
-    ex = hessian_diag(model, loss, (x0, t), method="exact", progress=False)["s"]
+    oracle = model if ref is None else Scaled(ref, shape, torch.Generator().manual_seed(seed))
+    ex = hessian_diag(oracle, loss, (x0, t), method="exact", progress=False)["s"]
     ob = hessian_diag(model, loss, (x0, t), method="obd", progress=False)["s"]
     lm = hessian_diag(model, loss, (x0, t), method="lm", progress=False)["s"]
     torch.testing.assert_close(ob, ex, rtol=1e-9, atol=1e-10)
-    torch.testing.assert_close(lm, _gn_diag(fn, model.s, x0, t), rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(lm, _gn_diag(ref or fn, model.s, x0, t), rtol=1e-9, atol=1e-10)
     return ob
 
 
-def check_rule(fn, x, idx=0):
+def check_rule(fn, x, idx=0, ref=None, g_rtol=1e-9):
     """The node's rule alone against brute force, OBD and LM, and its gradient."""
     x = x.detach().requires_grad_()
     y = fn(x)
     gen = torch.Generator().manual_seed(3)
     g, h = torch.randn(y.shape, generator=gen), torch.rand(y.shape, generator=gen)
-    full, gn = brute_rule_diagonal(fn, x, g, h)
+    full, gn = brute_rule_diagonal(ref or fn, x, g, h)
     for lm in (False, True):
         ctx = rules.Ctx(lm)
         ctx.g_wanted = [True] * len(y.grad_fn.next_functions)
@@ -75,7 +77,7 @@ def check_rule(fn, x, idx=0):
         if not lm:
             vjp = torch.autograd.grad(y, x, g, retain_graph=True)[0]
             gi = g_in[idx] if g_in[idx].shape == x.shape else g_in[idx].sum_to_size(x.shape)
-            torch.testing.assert_close(gi, vjp, rtol=1e-9, atol=1e-12)
+            torch.testing.assert_close(gi, vjp, rtol=g_rtol, atol=1e-12)
 
 
 # ---------------------------------------------------------------------------
@@ -178,6 +180,36 @@ def test_linear_maps(op):
     if op.startswith(("amax", "amin", "max_all")):
         x0[x0.abs() == 0.5] = 0.0
     check_scaled(fn, shape, x0=x0)
+
+
+ELEMENTWISE = {
+    "mish": F.mish,
+    "hardswish": F.hardswish,
+    "hardsigmoid": F.hardsigmoid,
+    "clamp": lambda v: v.clamp(-0.5, 0.7),
+    "clamp_min": lambda v: v.clamp(min=0.1),
+    "logsigmoid": F.logsigmoid,
+    "erf": torch.erf,
+    "sin": torch.sin,
+    "cos": torch.cos,
+    "topk": lambda v: v.topk(2, dim=1)[0],
+    "sort": lambda v: v.sort(dim=0)[0],
+    "median_dim": lambda v: v.median(1)[0],
+    "median_all": lambda v: v.median(),
+    "kthvalue": lambda v: v.kthvalue(2, 1)[0],
+}
+
+
+@pytest.mark.parametrize("op", list(ELEMENTWISE))
+def test_more_elementwise_functions_and_selections(op):
+    fn = ELEMENTWISE[op]
+    # PyTorch has no double backward for hardsigmoid: the oracle is relu6(x + 3) / 6
+    ref = (lambda v: F.relu6(v + 3) / 6) if op == "hardsigmoid" else None
+    x = 2.5 * torch.randn(3, 4, generator=torch.Generator().manual_seed(4))  # both sides of hardswish's kinks
+    check_rule(fn, x, ref=ref, g_rtol=1e-7 if ref else 1e-9)  # PyTorch's hardsigmoid gradient: 1/6 in float32
+    check_scaled(fn, (3, 4), x0=x, ref=ref)
+    if op in ("mish", "hardswish", "sin"):  # inside a region: x enters twice
+        check_scaled(lambda v: fn(v) * v, (3, 4), x0=x)
 
 
 def test_where_in_an_elementwise_region():
@@ -347,6 +379,9 @@ def test_no_double_backward_is_a_clear_error():
             hessian_diag(model, nn.MSELoss(), (ids, t), method=method, progress=False)
     for method in ("obd", "lm"):
         assert hessian_diag(model, nn.MSELoss(), (ids, t), method=method, progress=False)["0.weight"].abs().sum() > 0
+    model = nn.Sequential(nn.Linear(3, 3), nn.Hardsigmoid())
+    with pytest.raises(rules.UnsupportedOpError, match=r"hardsigmoid_backward.*method='obd' or 'lm'"):
+        hessian_diag(model, nn.MSELoss(), (torch.randn(4, 3), torch.randn(4, 3)), method="exact", progress=False)
 
 
 def test_fisher_on_lstm_equals_a_loop_over_samples():

@@ -131,7 +131,7 @@ def hutchinson(loss: Tensor, params: Dict[str, Tensor], samples: int, generator:
     """``mean over v of v * (H v)``, Rademacher v, by double backward."""
     try:
         return _hutchinson(loss, params, samples, generator)
-    except NotImplementedError as e:
+    except RuntimeError as e:  # NotImplementedError, or RuntimeError for some ops (hardsigmoid)
         raise _no_double_backward(e, "hutchinson") from None
 
 
@@ -162,7 +162,7 @@ def _no_double_backward(err: Exception, method: str) -> Exception:
     msg = str(err)
     if "derivative for" not in msg or "is not implemented" not in msg:
         return err
-    op = msg.split("'")[1] if msg.count("'") >= 2 else "an operation"
+    op = msg.split("'")[1] if msg.count("'") >= 2 else msg.split("derivative for ")[1].split(" is not")[0]
     hint = (" (nn.EmbeddingBag / F.embedding_bag: nn.Embedding followed by a sum or mean has one)"
             if "embedding_bag" in op else "")
     return UnsupportedOpError(
@@ -193,7 +193,7 @@ def exact(loss: Tensor, params: Dict[str, Tensor], rows_per_pass: int = 256) -> 
     """The Hessian's diagonal, row blocks of each parameter's Hessian at a time."""
     try:
         return _exact(loss, params, rows_per_pass)
-    except NotImplementedError as e:
+    except RuntimeError as e:  # NotImplementedError, or RuntimeError for some ops (hardsigmoid)
         raise _no_double_backward(e, "exact") from None
 
 

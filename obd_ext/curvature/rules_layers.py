@@ -29,13 +29,15 @@ node exactly; the sweep's approximation lies only in what reaches the node
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Dict, Optional
 
 import torch
 from torch import Tensor
 
 from .. import ops
-from .rules import Ctx, Grads, Rule, UnsupportedOpError, _call, _needs, _signed, batch_norm, index_map
+from .rules import (Ctx, Grads, Rule, UnsupportedOpError, _call, _needs, _signed, _unary_partials, batch_norm,
+                    index_map, unary)
 
 __all__ = ["LAYER_RULES"]
 
@@ -243,6 +245,67 @@ def _where_partials(node, live, second):
     return [cond.to(dtype) if live[0] else None, (~cond).to(dtype) if len(live) > 1 and live[1] else None], {}
 
 
+# ---------------------------------------------------------------------------
+# More elementwise functions: closed-form f', f'' (rules.unary; partials for regions)
+# ---------------------------------------------------------------------------
+
+
+def _mish(node):
+    x = node._saved_self
+    s = torch.sigmoid(x)
+    t = torch.tanh(torch.nn.functional.softplus(x))
+    u = (1 - t * t) * s  # d tanh(softplus(x)) / dx
+    return t + x * u, 2 * u + x * u * (1 - s - 2 * t * s)
+
+
+def _hardswish(node):
+    # PyTorch's gradient: 0 below -3, x/3 + 1/2 up to 3 (inclusive), 1 above
+    x = node._saved_self
+    inside = (x >= -3) & (x <= 3)
+    d1 = torch.where(x < -3, torch.zeros_like(x), torch.where(x <= 3, x / 3 + 0.5, torch.ones_like(x)))
+    return d1, inside.to(x.dtype) / 3
+
+
+def _hardsigmoid(node):
+    x = node._saved_self
+    return ((x > -3) & (x < 3)).to(x.dtype) / 6, None
+
+
+def _clamp(node):
+    # PyTorch's gradient passes where min <= x <= max (bounds included)
+    x = node._saved_self
+    keep = torch.ones_like(x, dtype=torch.bool)
+    if node._saved_min is not None:
+        keep &= x >= float(node._saved_min)
+    if node._saved_max is not None:
+        keep &= x <= float(node._saved_max)
+    return keep.to(x.dtype), None
+
+
+def _logsigmoid(node):
+    s = torch.sigmoid(node._saved_self)
+    return 1 - s, -s * (1 - s)
+
+
+def _erf(node):
+    x = node._saved_self
+    d1 = (2.0 / math.sqrt(math.pi)) * torch.exp(-x * x)
+    return d1, -2.0 * x * d1
+
+
+MORE_UNARY: Dict[str, Callable] = {
+    "MishBackward0": _mish,
+    "HardswishBackward0": _hardswish,
+    "HardsigmoidBackward0": _hardsigmoid,
+    "ClampBackward1": _clamp,
+    "LogSigmoidBackward0": _logsigmoid,
+    "ErfBackward0": _erf,
+    "SinBackward0": lambda n: (torch.cos(n._saved_self), -torch.sin(n._saved_self)),
+    "CosBackward0": lambda n: (-torch.sin(n._saved_self), -torch.cos(n._saved_self)),
+}
+_FIRST_ORDER_ONLY = ("HardsigmoidBackward0", "ClampBackward1")
+
+
 _INDEX_MAPS = [
     "UpsampleNearest1DBackward0", "UpsampleNearest2DBackward0", "UpsampleNearest3DBackward0",
     "UpsampleNearestExact1DBackward0", "UpsampleNearestExact2DBackward0", "UpsampleNearestExact3DBackward0",
@@ -251,6 +314,8 @@ _INDEX_MAPS = [
     "TakeAlongDimBackward0", "NarrowBackward0", "RollBackward0", "FlipBackward0", "UnfoldBackward0",
     "ChannelShuffleBackward0", "Col2ImBackward0", "Im2ColBackward0",
     # in-place views (transpose_, t_, unsqueeze_, squeeze_: GRU and RNN use them)
+    # selections routing each output to one saved index
+    "TopkBackward0", "SortBackward0", "KthvalueBackward0", "MedianBackward1", "NanmedianBackward1", "ModeBackward0",
     "TransposeBackward1", "TBackward1", "UnsqueezeBackward1", "SqueezeBackward3", "SqueezeBackward4", "SqueezeBackward5",
 ]
 
@@ -261,7 +326,9 @@ def _layer_rules() -> Dict[str, Rule]:
     out: Dict[str, Rule] = {name: Rule(index_map) for name in _INDEX_MAPS}
     out.update({name: Rule(resample(name)) for name in _RESAMPLE})
     out.update({name: Rule(shared_ties) for name in ("AmaxBackward0", "AminBackward0", "MaxBackward1",
-                                                     "MinBackward1")})
+                                                     "MinBackward1", "MedianBackward0", "NanmedianBackward0")})
+    out.update({name: Rule(unary(d), second_order=name not in _FIRST_ORDER_ONLY, partials=_unary_partials(d))
+                for name, d in MORE_UNARY.items()})
     out["WhereBackward0"] = Rule(index_map, partials=_where_partials)
     out["EmbeddingBagBackward0"] = Rule(embedding_bag)
     out["NativeGroupNormBackward0"] = Rule(group_norm, second_order=True, param_use=_group_norm_use)
