@@ -212,6 +212,18 @@ def test_more_elementwise_functions_and_selections(op):
         check_scaled(lambda v: fn(v) * v, (3, 4), x0=x)
 
 
+@pytest.mark.parametrize("which", ["maximum", "minimum"])
+def test_maximum_minimum(which):
+    """Two inputs (ties split the gradient in halves); in a region with one tensor entering twice."""
+    f = getattr(torch, which)
+    other = torch.randn(3, 4, generator=torch.Generator().manual_seed(5))
+    check_rule(lambda v: f(v, other), torch.randn(3, 4))
+    check_scaled(lambda v: f(v, other), (3, 4))
+    check_scaled(lambda v: f(v, 0.3 * v) * torch.tanh(v), (3, 4))  # leaky ReLU written with maximum
+    x = torch.randn(3, 4)
+    check_rule(lambda v: f(v, x), x)  # every entry a tie: halves
+
+
 def test_where_in_an_elementwise_region():
     """where(x > 0, x, 0.1 x): x enters twice, a leaky ReLU written out (its second
     derivative is 0: obd and lm are both the exact diagonal)."""

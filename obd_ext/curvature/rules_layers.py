@@ -306,6 +306,29 @@ MORE_UNARY: Dict[str, Callable] = {
 _FIRST_ORDER_ONLY = ("HardsigmoidBackward0", "ClampBackward1")
 
 
+def _select_partials(larger: bool) -> Callable:
+    """maximum / minimum: the gradient goes to the selected input, half to each at a tie."""
+    def partials(node, live, second):
+        a, b = node._saved_self, node._saved_other
+        pick = (a > b) if larger else (a < b)
+        tie = (a == b).to(a.dtype) * 0.5
+        return [pick.to(a.dtype) + tie if live[0] else None, (~pick & (a != b)).to(a.dtype) + tie
+                if len(live) > 1 and live[1] else None], {}
+    return partials
+
+
+def two_inputs(partials: Callable) -> Callable:
+    """An elementwise function of two tensors with f'' = 0: H_i = p_i^2 H, g_i = p_i g."""
+    def rule(node, g: Grads, h: Grads, ctx: Ctx):
+        live = _needs(node)
+        p = partials(node, live, False)[0]
+        h_in = tuple(h[0] * (q * q) if q is not None else None for q in p)
+        g_in = tuple(g[0] * q if q is not None and ctx.wants(i) and g[0] is not None else None
+                     for i, q in enumerate(p))
+        return g_in, h_in
+    return rule
+
+
 _INDEX_MAPS = [
     "UpsampleNearest1DBackward0", "UpsampleNearest2DBackward0", "UpsampleNearest3DBackward0",
     "UpsampleNearestExact1DBackward0", "UpsampleNearestExact2DBackward0", "UpsampleNearestExact3DBackward0",
@@ -330,6 +353,8 @@ def _layer_rules() -> Dict[str, Rule]:
     out.update({name: Rule(unary(d), second_order=name not in _FIRST_ORDER_ONLY, partials=_unary_partials(d))
                 for name, d in MORE_UNARY.items()})
     out["WhereBackward0"] = Rule(index_map, partials=_where_partials)
+    for name, larger in (("MaximumBackward0", True), ("MinimumBackward0", False)):
+        out[name] = Rule(two_inputs(_select_partials(larger)), partials=_select_partials(larger))
     out["EmbeddingBagBackward0"] = Rule(embedding_bag)
     out["NativeGroupNormBackward0"] = Rule(group_norm, second_order=True, param_use=_group_norm_use)
     out["NativeBatchNormBackward0"] = Rule(batch_norm_any, second_order=lambda n: bool(n._saved_training), param_use=_batch_norm_use)
