@@ -30,8 +30,8 @@ from torch import Tensor
 from .. import constants, ops
 from .naming import op_name
 
-__all__ = ["UnsupportedOpError", "Rule", "RULES", "SECOND_ORDER", "second_order", "Ctx", "rule_for", "registry_entry",
-           "saved_or_none"]
+__all__ = ["UnsupportedOpError", "Rule", "RULES", "SECOND_ORDER", "second_order", "Ctx", "rule_for",
+           "registry_entry", "saved_or_none"]
 
 Grads = List[Optional[Tensor]]
 
@@ -658,8 +658,8 @@ class Rule:
 
     __slots__ = ("apply", "second_order", "partials", "param_use")
 
-    def __init__(self, apply: Optional[Callable], second_order: "bool | Callable" = False, partials: Optional[Callable] = None,
-                 param_use: Optional[Callable] = None):
+    def __init__(self, apply: Optional[Callable], second_order: "bool | Callable" = False,
+                 partials: Optional[Callable] = None, param_use: Optional[Callable] = None):
         self.apply, self.second_order, self.partials, self.param_use = apply, second_order, partials, param_use
 
     def __call__(self, node, g: Grads, h: Grads, ctx: Ctx):

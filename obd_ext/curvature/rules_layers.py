@@ -338,13 +338,14 @@ _INDEX_MAPS = [
     "ChannelShuffleBackward0", "Col2ImBackward0", "Im2ColBackward0",
     # in-place views (transpose_, t_, unsqueeze_, squeeze_: GRU and RNN use them)
     # selections routing each output to one saved index
-    "TopkBackward0", "SortBackward0", "KthvalueBackward0", "MedianBackward1", "NanmedianBackward1", "ModeBackward0",
-    "TransposeBackward1", "TBackward1", "UnsqueezeBackward1", "SqueezeBackward3", "SqueezeBackward4", "SqueezeBackward5",
+    "TopkBackward0", "SortBackward0", "KthvalueBackward0", "MedianBackward1", "NanmedianBackward1",
+    "ModeBackward0", "TransposeBackward1", "TBackward1", "UnsqueezeBackward1", "SqueezeBackward3",
+    "SqueezeBackward4", "SqueezeBackward5",
 ]
 
 
 def _layer_rules() -> Dict[str, Rule]:
-    from .rules import _group_norm_use, _batch_norm_use
+    from .rules import _batch_norm_use, _group_norm_use
 
     out: Dict[str, Rule] = {name: Rule(index_map) for name in _INDEX_MAPS}
     out.update({name: Rule(resample(name)) for name in _RESAMPLE})
@@ -357,7 +358,9 @@ def _layer_rules() -> Dict[str, Rule]:
         out[name] = Rule(two_inputs(_select_partials(larger)), partials=_select_partials(larger))
     out["EmbeddingBagBackward0"] = Rule(embedding_bag)
     out["NativeGroupNormBackward0"] = Rule(group_norm, second_order=True, param_use=_group_norm_use)
-    out["NativeBatchNormBackward0"] = Rule(batch_norm_any, second_order=lambda n: bool(n._saved_training), param_use=_batch_norm_use)
+    # eval mode is affine (no f'' term): only batch statistics need the gradient
+    out["NativeBatchNormBackward0"] = Rule(batch_norm_any, second_order=lambda n: bool(n._saved_training),
+                                           param_use=_batch_norm_use)
     return out
 
 
