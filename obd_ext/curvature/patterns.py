@@ -28,7 +28,6 @@ from __future__ import annotations
 import math
 from typing import Dict, List, Optional, Sequence, Tuple
 
-import torch
 from torch import Tensor
 
 from .regions import Edge, Region, _fit
@@ -70,8 +69,9 @@ class RMSNormUnit(Region):
         return {src: (g_x, _fit(h_x, tuple(meta.shape)).to(meta.dtype))}
 
 
-def _through_copies(edge: Edge, members: List[object], consumers) -> List[Edge]:
-    """The edge and those below it through single-use copy nodes (dtype casts, clones)."""
+def _through_copies(edge: Edge) -> List[Edge]:
+    """The edge and those below it through copy nodes (dtype casts, clones); the caller
+    checks that the copies feed nothing outside the unit."""
     chain = [edge]
     node = edge[0]
     while type(node).__name__ in _COPIES and node.next_functions[0][0] is not None:
@@ -134,8 +134,8 @@ def _match(m, consumers) -> Optional[RMSNormUnit]:
             continue
         nodes.append(sq)
         sq_edge, x_saved = found
-        chain1 = _through_copies(sq_edge, nodes, consumers)
-        chain2 = _through_copies(other, nodes, consumers)
+        chain1 = _through_copies(sq_edge)
+        chain2 = _through_copies(other)
         common = next((e for e in chain2 if e in chain1), None)
         if common is None:
             continue
