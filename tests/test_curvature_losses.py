@@ -436,3 +436,45 @@ def test_lm_keeps_the_sign_of_a_non_convex_loss():
     for k in ref:
         assert close(lm[k], -ref[k]), k
     assert lm.total_negative > 0
+
+
+class TwoHeads(nn.Module):
+    """A dict output (as Hugging Face models return): the loss reads both heads."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(6)
+        self.body = nn.Sequential(nn.Linear(5, 6), nn.Tanh())
+        self.cls = nn.Linear(6, C)
+        self.reg = nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = self.body(x)
+        return {"logits": self.cls(h), "aux": self.reg(h)}
+
+
+def test_an_output_of_several_tensors_and_the_accumulator():
+    """The model ends at every tensor handed to the loss; CurvatureAccumulator in the
+    user's own loop gives what hessian_diag gives."""
+    model = TwoHeads().double()
+    x, y = _inputs(), _targets("index")
+    aux = torch.randn(N, 3, generator=torch.Generator().manual_seed(7))
+
+    def loss_fn(out, t):
+        return F.cross_entropy(out["logits"], t[0], label_smoothing=0.1) + 0.5 * F.huber_loss(out["aux"], t[1])
+
+    heads = ["cls.weight", "cls.bias", "reg.weight", "reg.bias"]
+    data = [(x, (y, aux))]
+    ex = hessian_diag(model, loss_fn, data, method="exact", params=heads, progress=False)
+    for method in ("obd", "lm"):  # linear heads: the Gauss-Newton and the Hessian diagonals agree
+        res = hessian_diag(model, loss_fn, data, method=method, progress=False)
+        for k in heads:
+            assert close(res[k], ex[k]), (method, k)
+        acc = CurvatureAccumulator(model, loss_fn, method=method)
+        halves = [(x[s], (y[s], aux[s])) for s in (slice(0, 3), slice(3, N))]
+        for xs, ts in halves:
+            acc.accumulate(model(xs), ts)
+        two = hessian_diag(model, loss_fn, halves, method=method, progress=False)
+        got = acc.result()
+        for k in two:
+            assert close(got[k], two[k]), (method, k)

@@ -61,7 +61,7 @@ from ..vocabulary import CURVATURE_METHODS, check_method
 from .estimators import exact, hutchinson, per_sample_squared
 from .graph import check_graph, checkpoint_guard
 from .naming import name_modules
-from .losses import Boundary, boundary_for, loss_sweep_seed, model_end
+from .losses import Boundary, boundary_for, loss_sweep_seed, model_end, output_tensors
 from .rules import UnsupportedOpError
 from .sweep import sweep
 
@@ -211,20 +211,22 @@ class CurvatureAccumulator:
         self._owned: set = set()  # names whose running sum this accumulator allocated (safe to add into)
         self.batches = 0
 
-    def accumulate(self, output: Tensor, target: Tensor) -> Tensor:
+    def accumulate(self, output, target) -> Tensor:
         """Run the sweep from ``output`` (with its graph); returns the loss value (detached).
 
         Plain MSE / cross-entropy / BCE-with-logits start at ``output`` with their
         closed forms; any other loss is computed here as ``loss_fn(output, target)``
         and the sweep starts at it, through the loss's own ops (losses.py)."""
         lm = self.method == "lm"
-        if not isinstance(output, Tensor) or output.grad_fn is None:
+        if not output_tensors(output):
             raise ValueError("the model output has no autograd graph: does it depend on a parameter that requires grad?")
         with cpu_block_cache():  # the sweep's temporaries recycle their pages
             b: Optional[Boundary] = None
             # A trailing log_softmax belongs to the loss under lm (losses.py, "Where the
-            # model ends"): the closed forms would put the boundary after it.
-            if self.boundary is not None and not (lm and type(output.grad_fn).__name__ == "LogSoftmaxBackward0"):
+            # model ends"): the closed forms would put the boundary after it. An output
+            # of several tensors (a tuple, a dict) goes through the loss's ops.
+            if self.boundary is not None and isinstance(output, Tensor) and not (
+                    lm and type(output.grad_fn).__name__ == "LogSoftmaxBackward0"):
                 b = self.boundary(output, target, need_g=not lm)
             if b is not None:
                 # Only the graph is needed from here on: dropping the output and the

@@ -21,7 +21,8 @@ logits-sized graph of the loss (the benchmark GPT's vocabulary makes that
 matter). They give the same numbers as the sweep through the loss's ops.
 
 Where the model ends (what ``lm`` keeps):
-    The model output is the tensor handed to ``loss_fn``. For ``obd`` this
+    The model output is what is handed to ``loss_fn`` (a tensor, or each tensor of
+    a tuple / dict such as a Hugging Face model's output). For ``obd`` this
     changes nothing (every node keeps its f'' term). For ``lm`` (Gauss-Newton),
     the loss's nodes keep their f'' terms and the model's drop them: what
     reaches the model output is the diagonal of the loss's own Hessian with
@@ -54,7 +55,7 @@ its own: the sweep's elementwise rule adds its ``f''`` term.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -63,7 +64,7 @@ from torch import Tensor
 
 from .. import ops
 
-__all__ = ["Boundary", "boundary_for", "model_end", "loss_sweep_seed", "SUPPORTED_LOSSES", "PER_SAMPLE_LOSSES", "per_sample_scale", "sampled_targets",
+__all__ = ["Boundary", "boundary_for", "model_end", "output_tensors", "loss_sweep_seed", "SUPPORTED_LOSSES", "PER_SAMPLE_LOSSES", "per_sample_scale", "sampled_targets",
            "categorical_draw"]
 
 # Losses that fisher / ggn-mc take: each is c * (sum of per-sample losses), c known.
@@ -169,13 +170,26 @@ def boundary_for(loss_fn) -> Optional[Callable[..., Optional[Boundary]]]:
     return None
 
 
-def model_end(output: Tensor):
-    """The node where the model ends, for ``lm`` (module docstring, "Where the model
-    ends"): the output's ``grad_fn``, or the input's of a trailing ``log_softmax``."""
-    node = output.grad_fn
-    if type(node).__name__ == "LogSoftmaxBackward0" and node.next_functions[0][0] is not None:
-        return node.next_functions[0][0]
-    return node
+def model_end(output) -> List[object]:
+    """The nodes where the model ends, for ``lm`` (module docstring, "Where the model
+    ends"): each output tensor's ``grad_fn`` (a tuple or dict of tensors: each), or the
+    input's of a trailing ``log_softmax``."""
+    ends = []
+    for t in output_tensors(output):
+        node = t.grad_fn
+        if type(node).__name__ == "LogSoftmaxBackward0" and node.next_functions[0][0] is not None:
+            node = node.next_functions[0][0]
+        ends.append(node)
+    return ends
+
+
+def output_tensors(output) -> List[Tensor]:
+    """The tensors with a graph in a model output (a tensor, or a tuple / list / dict
+    of them, as Hugging Face models return)."""
+    from torch.utils._pytree import tree_leaves
+
+    leaves = [output] if isinstance(output, Tensor) else tree_leaves(output)
+    return [t for t in leaves if isinstance(t, Tensor) and t.grad_fn is not None]
 
 
 def loss_sweep_seed(loss_fn, output: Tensor, target) -> Tuple[Tensor, str]:

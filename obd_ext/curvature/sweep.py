@@ -59,7 +59,8 @@ def sweep(root, output_nr: int, seed: List[Optional[Tensor]], lm: bool,
         lm: drop the f'' terms (Levenberg-Marquardt / Gauss-Newton) in the model.
         names: id(parameter) -> name, for the parameters wanted.
         model_root: with ``root`` a loss: the node where the model ends (the
-            model output's ``grad_fn``). Nodes it reaches are the model's; the
+            model output's ``grad_fn``), or a list of them (an output of several
+            tensors). Nodes it reaches are the model's; the
             others are the loss's, always swept with their f'' terms, so that
             under ``lm`` what reaches the model output is the diagonal of the
             loss's own Hessian there (losses.py, "Where the model ends").
@@ -201,11 +202,12 @@ def sweep(root, output_nr: int, seed: List[Optional[Tensor]], lm: bool,
 
 
 def _loss_side(order: List[object], model_root) -> frozenset:
-    """The nodes the model output's node does not reach: the loss's own."""
-    if model_root not in set(order):
+    """The nodes the model output's nodes do not reach: the loss's own."""
+    roots = list(model_root) if isinstance(model_root, (list, tuple)) else [model_root]
+    if not set(roots) & set(order):
         raise ValueError("obd_ext curvature: the loss does not depend on the model output (was it detached?)")
-    model = {model_root}
-    stack = [model_root]
+    model = set(roots)
+    stack = list(roots)
     while stack:
         for child, _ in stack.pop().next_functions:
             if child is not None and child not in model:
