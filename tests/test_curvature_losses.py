@@ -18,7 +18,7 @@ from torch.func import functional_call
 from testing import brute_rule_diagonal, float64_by_default  # noqa: F401  (autouse fixture: every test in float64)
 from obd_ext.curvature import CurvatureAccumulator, UnsupportedOpError, hessian_diag
 from obd_ext.curvature import losses as losses_mod
-from obd_ext.curvature.rules import RULES
+from obd_ext.curvature.rules import RULES, Ctx
 
 
 pytestmark = pytest.mark.filterwarnings("ignore:reduction. 'mean' divides the total loss")
@@ -107,6 +107,12 @@ LOSSES = {
     "bce_probabilities": (lambda r: nn.BCELoss(reduction=r), "binary", "sigmoid"),
     "soft_margin": (lambda r: nn.SoftMarginLoss(reduction=r), "sign", None),
     "l1": (lambda r: nn.L1Loss(reduction=r), "real", None),
+    # reduction "none", then the user's own weighting of the entries
+    "huber_none_weighted": (lambda r: (lambda o, t: getattr(torch, r)(
+        F.huber_loss(o, t, reduction="none", delta=0.7) * torch.linspace(0.5, 2.0, o.shape[-1]))), "real", None),
+    "bce_none_weighted": (lambda r: (lambda o, t: getattr(torch, r)(
+        F.binary_cross_entropy_with_logits(o, t, reduction="none") * torch.linspace(0.5, 2.0, o.shape[-1]))),
+        "binary", None),
     "own_cross_entropy": (lambda r: (lambda o, t: getattr(torch, r)(
         torch.logsumexp(o, 1) - o.gather(1, t.clamp_min(0).unsqueeze(1)).squeeze(1))), "index", None),
     "mse_regulariser": (None, "real", None),  # built per model: it reads the model's parameters
@@ -198,6 +204,7 @@ class Scale(nn.Module):
 
 
 ELEMENTWISE = ["bce_pos_weight", "bce_weight_pos_weight", "huber", "smooth_l1", "soft_margin", "l1", "own_loss",
+               "huber_none_weighted", "bce_none_weighted",
                "mse_regulariser"]
 
 
@@ -330,6 +337,48 @@ def test_log_softmax_and_logsumexp_rules_against_autograd(op):
         assert close(h_in[0], gn if lm else full)
         if not lm:
             assert close(g_in[0], torch.autograd.grad(op(x), x, g_out)[0])
+
+
+POINTWISE = {
+    "mse": lambda x, t, r: F.mse_loss(x, t, reduction=r),
+    "huber": lambda x, t, r: F.huber_loss(x, t, reduction=r, delta=0.7),
+    "smooth_l1": lambda x, t, r: F.smooth_l1_loss(x, t, reduction=r, beta=0.7),
+    "bce_logits": lambda x, t, r: F.binary_cross_entropy_with_logits(x, t.sigmoid(), reduction=r),
+    "bce_logits_weights": lambda x, t, r: F.binary_cross_entropy_with_logits(
+        x, t.sigmoid(), reduction=r, weight=torch.linspace(0.5, 2, 5), pos_weight=torch.linspace(2, 0.5, 5)),
+    "bce": lambda x, t, r: F.binary_cross_entropy(x, t.sigmoid(), reduction=r),
+    "soft_margin": lambda x, t, r: F.soft_margin_loss(x, t, reduction=r),
+    "nll": lambda x, t, r: F.nll_loss(x, torch.tensor([0, 3, 1, 4]), reduction=r),
+}
+NO_TARGET_RULE = ("bce_logits", "bce_logits_weights", "bce", "nll", "soft_margin")  # target: no gradient here
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+@pytest.mark.parametrize("name", list(POINTWISE))
+def test_loss_node_rules_against_autograd(name, reduction):
+    """Each loss node's rule (rules_losses.py) for its input, and for a target that
+    requires grad, against autograd, with random g and H at its output."""
+    torch.manual_seed(8)
+    fn = POINTWISE[name]
+    x = torch.rand(4, 5) * 0.9 + 0.05 if name == "bce" else 2 * torch.randn(4, 5)  # bce: probabilities
+    t = 2 * torch.randn(4, 5)
+    for slot in ((0,) if name in NO_TARGET_RULE else (0, 1)):
+        xx = x.clone().requires_grad_(slot == 0)
+        tt = t.clone().requires_grad_(slot == 1)
+        y = fn(xx, tt, reduction)
+        g_out, h_out = torch.randn(y.shape), torch.rand(y.shape)
+        op = (lambda v: fn(v, t, reduction)) if slot == 0 else (lambda v: fn(x, v, reduction))
+        wrt = (x, t)[slot]
+        for lm in (False, True):
+            ctx = Ctx(lm)
+            ctx.g_wanted = [True, True]
+            with torch.no_grad():
+                g_in, h_in = RULES[type(y.grad_fn).__name__](y.grad_fn, [g_out], [h_out], ctx)
+            full, gn = brute_rule_diagonal(op, wrt, g_out, h_out)
+            assert close(h_in[slot], gn if lm else full), (name, slot, lm)
+            if not lm:
+                v = wrt.clone().requires_grad_()
+                assert close(g_in[slot], torch.autograd.grad(op(v), v, g_out)[0]), (name, slot)
 
 
 def loop_fisher(model, loss_fn, x, t):

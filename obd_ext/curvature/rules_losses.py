@@ -133,7 +133,7 @@ def _bce_logits_derivs(node):
     """l = w [(1 - t) x + (1 - t + pw t) softplus(-x)] (weight w, pos_weight pw)."""
     x, t = node._saved_self, node._saved_target
     w, pw = node._saved_weight, node._saved_pos_weight
-    k = 1.0 - t if pw is None else 1.0 - t + pw * t
+    k = torch.ones_like(t) if pw is None else 1.0 - t + pw * t
     s_neg = torch.sigmoid(-x)
     d1 = (1.0 - t) - k * s_neg
     d2 = k * s_neg * (1.0 - s_neg)
