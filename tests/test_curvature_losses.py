@@ -142,22 +142,21 @@ def cases(names=LOSSES):
 
 def ggn_diag_last(model, loss_fn, x, t):
     """diag(J^T H J) for the last layer's parameters, by autograd: J the Jacobian of
-    the logits (the model ends at the logits: a trailing log_softmax or sigmoid
-    counts as the loss's, losses.py "Where the model ends"; for sigmoid this is
-    the test's choice, made below by folding it into the loss), H the Hessian of
-    the loss with respect to the logits."""
+    the model output, H the Hessian of the loss with respect to it; the model ends
+    at the logits when it applies log_softmax to them (losses.py, "Where the model
+    ends"), else at what it returns (a sigmoid's output included)."""
     params = {k: v.detach() for k, v in model.last.named_parameters()}
+    squash = torch.sigmoid if model.end == "sigmoid" else (lambda v: v)
 
     def logits(p):
-        return functional_call(model.last, p, (model.body(x).detach(),)).reshape(-1)
+        return squash(functional_call(model.last, p, (model.body(x).detach(),))).reshape(-1)
 
     z = logits(params).detach()
     shape = model.logits(x).shape
 
     def post(zz):
         zz = zz.reshape(shape)
-        return torch.log_softmax(zz, 1) if model.end == "log_softmax" else (
-            torch.sigmoid(zz) if model.end == "sigmoid" else zz)
+        return torch.log_softmax(zz, 1) if model.end == "log_softmax" else zz
 
     hess = torch.autograd.functional.hessian(lambda zz: loss_fn(post(zz), t), z, vectorize=True)
     jac = torch.func.jacrev(logits)(params)
@@ -179,8 +178,6 @@ def test_obd_and_lm_exact_on_the_last_layer(name, reduction, conv):
     ob = hessian_diag(model, loss_fn, (x, t), method="obd", progress=False)
     for k in last:
         assert close(ob[k], ex[k]), (k, ob[k], ex[k])
-    if end == "sigmoid":
-        return  # lm's model ends at the sigmoid's output (only log_softmax is moved): not this reference
     lm = hessian_diag(model, loss_fn, (x, t), method="lm", progress=False)
     ref = ggn_diag_last(model, loss_fn, x, t)
     if name == "mse_regulariser":  # the regulariser's own Hessian, 2e-3 per entry, is added (losses.py)
