@@ -432,6 +432,24 @@ def test_ggn_mc_with_nll_after_log_softmax(conv):
         hessian_diag(model, nn.NLLLoss(weight=WEIGHT.double()), (x, t), method="ggn-mc", progress=False)
 
 
+@pytest.mark.parametrize("name,reduction", [("huber", "mean"), ("smooth_l1", "sum"), ("kldiv", "batchmean"),
+                                            ("kldiv_log_target", "sum"), ("kldiv", "mean")])
+def test_fisher_through_torch_func_too(name, reduction, monkeypatch):
+    """The per-sample gradients of the whole model (torch.func), where the layer-wise
+    path does not apply, use the same scale."""
+    from obd_ext.curvature import estimators
+
+    monkeypatch.setattr(estimators, "_rows_fast_path", lambda *a: (None, None))
+    make, kind, end = LOSSES[name]
+    model = Head(end=end).double()
+    x, t = _inputs(), _targets(kind)
+    loss_fn = make(reduction)
+    res = hessian_diag(model, loss_fn, (x, t), method="fisher", progress=False)
+    ref = loop_fisher(model, loss_fn, x, t)
+    for k in ref:
+        assert close(res[k], ref[k]), k
+
+
 def test_functional_losses_for_fisher():
     model = Head().double()
     x, t = _inputs(), _targets("real")
