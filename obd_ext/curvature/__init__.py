@@ -219,7 +219,8 @@ class CurvatureAccumulator:
         and the sweep starts at it, through the loss's own ops (losses.py)."""
         lm = self.method == "lm"
         if not output_tensors(output):
-            raise ValueError("the model output has no autograd graph: does it depend on a parameter that requires grad?")
+            raise ValueError("the model output has no autograd graph: does it depend on a parameter that requires "
+                             "grad?")
         with cpu_block_cache():  # the sweep's temporaries recycle their pages
             b: Optional[Boundary] = None
             # A trailing log_softmax belongs to the loss under lm (losses.py, "Where the

@@ -13,6 +13,13 @@ SmoothL1Loss, KLDivLoss (``log_target`` either way), a loss plus a regulariser
 term, and a user's own loss written from torch ops. A loss node without a rule
 is an :class:`UnsupportedOpError` naming the loss.
 
+What reaches the model output is exact (the loss's gradient and the diagonal of
+its Hessian there) wherever the sweep through the loss's graph is: log_softmax,
+logsumexp, the pick of the target's entry, the per-entry loss nodes, elementwise
+terms and regions, sums and means (every loss above; tests/test_curvature_losses.py).
+A loss whose paths leave the elementwise ops and rejoin (a product of two
+different sums of the output) loses those cross terms, as the model's sweep does.
+
 Fast paths (closed forms below, ``boundary_for``): plain nn.MSELoss,
 nn.CrossEntropyLoss with class indices (no weight, no label smoothing) and
 nn.BCEWithLogitsLoss without weights, and their functional forms with default
@@ -64,8 +71,8 @@ from torch import Tensor
 
 from .. import ops
 
-__all__ = ["Boundary", "boundary_for", "model_end", "output_tensors", "loss_sweep_seed", "SUPPORTED_LOSSES", "PER_SAMPLE_LOSSES", "per_sample_scale", "sampled_targets",
-           "categorical_draw"]
+__all__ = ["Boundary", "boundary_for", "model_end", "output_tensors", "loss_sweep_seed", "SUPPORTED_LOSSES",
+           "PER_SAMPLE_LOSSES", "per_sample_scale", "sampled_targets", "categorical_draw"]
 
 # Losses that fisher / ggn-mc take: each is c * (sum of per-sample losses), c known.
 PER_SAMPLE_LOSSES = ("nn.MSELoss", "nn.CrossEntropyLoss (class indices or probabilities, weight, ignore_index, "
