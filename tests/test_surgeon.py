@@ -14,6 +14,7 @@ import torch.nn.functional as F
 import obd_ext
 from obd_ext import reference
 from obd_ext.layerwise import GramStats, obs_prune_, prunable_layers, prune_layerwise, weight_rows
+from obd_ext.layerwise import surgeon
 from obd_ext.models import GPT
 
 f64 = torch.float64
@@ -70,6 +71,65 @@ def test_blocked_sweep_equals_the_reference(rows, cols, bs, pattern, scope, spar
     lam = 0.01 * float(2 * gram.diagonal()[live].mean())
     objective = float((x @ d.T).square().sum()) + lam / 2 * float(d[:, live].square().sum())
     assert res.predicted_increase == pytest.approx(objective, rel=1e-9)
+
+
+SUB_BLOCK_CASES = [  # blocks wider than the CPU sub-block of 8 columns (forced below): the sub-block GEMM path
+    (5, 40, 16, "unstructured", "row", 0.5),
+    (4, 37, 20, "unstructured", "row", 0.7),  # sub-blocks of 8, 8, 4
+    (3, 37, 16, "unstructured", "layer", 0.55),
+    (4, 48, 16, "2:4", "row", None),
+    (3, 48, 24, "4:8", "row", None),
+]
+
+
+@pytest.mark.parametrize("rows, cols, bs, pattern, scope, sparsity", SUB_BLOCK_CASES, ids=str)
+def test_sub_blocked_sweep_equals_the_reference(monkeypatch, rows, cols, bs, pattern, scope, sparsity):
+    monkeypatch.setattr(surgeon, "_TILE_ELEMENTS", 1)
+    assert surgeon._sub_block(rows, bs, 4 if pattern == "2:4" else 8, torch.device("cpu")) == 8
+    w0, _, gram = _layer(rows, cols, dead=(2, 9))
+    w = w0.clone()
+    res = obs_prune_(w, gram, sparsity=sparsity, pattern=pattern, scope=scope, blocksize=bs, dtype=f64)
+    ref_w, ref_keep, ref_loss = reference.obs_prune(w0, gram, sparsity=sparsity, pattern=pattern, scope=scope,
+                                                   blocksize=bs)
+    assert torch.equal(res.mask, ref_keep)
+    torch.testing.assert_close(w, ref_w, rtol=1e-9, atol=1e-9)
+    assert res.predicted_increase == pytest.approx(ref_loss, rel=1e-9)
+
+
+@pytest.mark.parametrize("k", [0, 1, 3, 6, 7])
+def test_float32_lowest_marks_equal_a_stable_sort_with_ties(k):
+    """The float32 integer-key selection against a stable sort, on scores full of ties (zeros, repeats)."""
+    g = torch.Generator().manual_seed(k)
+    scores = torch.randint(0, 4, (7, 50), generator=g).float() * 0.37
+    scores[:, :5] = 0
+    scores[:, 5] = float("inf")
+    scores[3, 6] = torch.finfo(torch.float32).tiny / 4  # a subnormal
+    expected = torch.zeros(7, 50, dtype=torch.bool).scatter_(0, torch.sort(scores, dim=0, stable=True).indices[:k],
+                                                             True)
+    for dtype in (torch.float32, torch.float64):
+        out = torch.empty(7, 50, dtype=torch.bool)
+        if k:
+            surgeon._mark_lowest_(scores.to(dtype), k, out, torch.arange(7)[:, None])
+            assert torch.equal(out, expected), dtype
+
+
+@pytest.mark.parametrize("pattern, scope", [("unstructured", "row"), ("2:4", "row"), ("unstructured", "layer")])
+def test_float32_sweep_follows_the_reference(monkeypatch, pattern, scope):
+    """float32 (the integer-key selection, sub-blocks) on a well-conditioned layer: the reference's mask, its
+    weights to float32 rounding."""
+    monkeypatch.setattr(surgeon, "_TILE_ELEMENTS", 1)
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(400, 48, generator=g, dtype=f64)
+    x[:, 7] = 0
+    w0 = torch.randn(6, 48, generator=g, dtype=f64).float().double()
+    gram = (x.T @ x).float().double()  # float32-representable: both runs see the same matrix
+    sparsity = 0.5 if pattern == "unstructured" else None
+    w = w0.float()
+    res = obs_prune_(w, gram.float(), sparsity=sparsity, pattern=pattern, scope=scope, blocksize=16)
+    ref_w, ref_keep, _ = reference.obs_prune(w0, gram, sparsity=sparsity, pattern=pattern, scope=scope, blocksize=16)
+    assert torch.equal(res.mask, ref_keep)
+    torch.testing.assert_close(w.double(), ref_w, rtol=1e-4, atol=1e-4)
+    assert bool((w[~res.mask] == 0).all()) and not bool(torch.signbit(w[~res.mask]).any())  # +0, not -0
 
 
 def test_single_deletion_is_the_least_squares_optimum():
