@@ -336,12 +336,12 @@ def obs_prune_(weight: Tensor, gram: Tensor, *, sparsity: Optional[float] = None
     loss = torch.zeros(rows, dtype=torch.float64, device=device)
     err = torch.empty((min(blocksize, cols), rows), dtype=dtype, device=device)  # reused by every block
     scale = torch.empty_like(err)
+    eye = torch.eye(min(blocksize, cols), cols, dtype=dtype, device=device)
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
         count = i2 - i1
         # this block's rows of U: U[i1:i2, i1:] R[i1:, i1:] = [I 0]
-        ub = torch.linalg.solve_triangular(r[i1:, i1:], torch.eye(count, cols - i1, dtype=dtype, device=device),
-                                           upper=True, left=False)
+        ub = torch.linalg.solve_triangular(r[i1:, i1:], eye[:count, :cols - i1], upper=True, left=False)
         w1, d1, u1 = wt[i1:i2], deleted[i1:i2], ub[:, :count]
         e1, s1, iu1, id1 = err[:count], scale[:count], inv_u[i1:i2, None], inv_d2[i1:i2, None]
         if nm is None:
@@ -373,10 +373,12 @@ def obs_prune_(weight: Tensor, gram: Tensor, *, sparsity: Optional[float] = None
         loss.addmv_(e1.t().double().square(), live[i1:i2], alpha=0.5)
         if i2 < cols:
             wt[i2:].addmm_(ub[:, count:].t(), e1, alpha=-1)  # the block's updates of every later column at once
-        if not bool(torch.isfinite(w1).all()):
-            raise RuntimeError(f"{name}: the surgeon's update produced non-finite weights (the layer's Hessian is "
-                               f"too ill-conditioned at damp={used:g}; try a larger damp)")
         w1.masked_fill_(d1, 0)  # deleted weights exactly 0 (the updates leave rounding there); kept ones untouched
+    # one check at the end (each large op is a parallel region: measured costly on a loaded machine); a
+    # non-finite error reaches the later columns or, for the last block, the loss
+    if not bool(torch.isfinite(wt).all()) or not math.isfinite(float(loss.sum())):
+        raise RuntimeError(f"{name}: the surgeon's update produced non-finite weights (the layer's Hessian is too "
+                           f"ill-conditioned at damp={used:g}; try a larger damp)")
     weight.copy_(wt.t())
     keep = torch.logical_not(deleted.t()).contiguous()
     return SurgeonResult(keep, int((~keep).sum()), float(loss.sum()), loss, used, int(dead.sum()))
