@@ -138,7 +138,7 @@ def conv1d_to_linear_(model: nn.Module) -> int:
 
 def llmc_prune(model: nn.Module, tokenizer, batches, method: str, pattern: str) -> float:
     """llm-compressor's oneshot on ``model`` with the given calibration batches; returns the call's seconds."""
-    os.environ.setdefault("LLM_COMPRESSOR_LOG_DISABLED", "1")  # its per-layer log lines; set to 0 to see them
+    os.environ.setdefault("LLM_COMPRESSOR_LOG_DISABLED", "true")  # its per-layer log lines; "false" shows them
     try:
         import llmcompressor  # noqa: F401
     except ImportError as e:
