@@ -15,7 +15,8 @@
 #               CUDA kernel on small and odd sizes)
 #   ceilings    copy bandwidth and bf16 matmul rate (bench/gpu/ceilings.py)
 #   select      global selection at N = 1e9 and N > 2^32 (bench/bench_select.py)
-#   llm         7B-shaped layer-wise pruning + 2:4 semi-structured Linear (bench/bench_llm.py)
+#   llm         7B-shaped layer-wise pruning (OBD, plain Wanda, the surgeon layerwise-obs; and the whole
+#               prune_layerwise on a 1-block transformers Llama) + 2:4 semi-structured Linear (bench/bench_llm.py)
 #   squared_mm  the curvature sweep's squared products (bench/bench_squared_mm.py)
 #   curvature   hessian_diag against one backward (bench/gpu/bench_curvature_cuda.py)
 # Logs and JSON go under --out; a tar.gz bundle of them and summary.txt are
@@ -162,7 +163,7 @@ else
     stage synccheck 20 10 "$SAN --tool synccheck $PY bench/gpu/sanitize_driver.py --device cuda --tiny --only saliency --only selection --json $OUT/sanitize_synccheck.json"
     stage ceilings 25 10 "$PY bench/gpu/ceilings.py --device cuda --json $OUT/ceilings.json"
     stage select 75 20 "$PY bench/bench_select.py --device cuda --sizes 1e9,4.4e9 --dtypes fp32 --sparsities 0.5 --dists normal --repeats 3 --json $OUT/select.json"
-    stage llm 60 20 "$PY bench/bench_llm.py --device cuda --semi --timed-blocks 1 --repeats 2 --json $OUT/llm.json"
+    stage llm 150 20 "$PY bench/bench_llm.py --device cuda --semi --timed-blocks 1 --repeats 2 --methods obs,hf-obs,hf-obd --json $OUT/llm.json"
     stage squared_mm 25 10 "$PY bench/bench_squared_mm.py --device cuda --dtype bfloat16 --repeats 3 --json $OUT/squared_mm.json"
     stage curvature 40 15 "$PY bench/gpu/bench_curvature_cuda.py --device cuda --repeats 3 --json $OUT/curvature.json"
   else
