@@ -236,7 +236,7 @@ def hf_rows(d: int, ffn: int, timed_blocks: int, blocks: int, tokens: int, seq: 
         print(f"llm-compressor rows skipped: llmcompressor is not importable here ({e}); run with "
               "/work/benchenv/bin/python")
         return rows
-    os.environ.setdefault("LLM_COMPRESSOR_LOG_DISABLED", "1")
+    os.environ.setdefault("LLM_COMPRESSOR_LOG_DISABLED", "true")  # the value it reads
     from torch.utils.data import DataLoader
 
     from llmcompressor import oneshot
