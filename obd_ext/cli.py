@@ -140,7 +140,7 @@ def _add_debug(p: argparse.ArgumentParser) -> None:
 def _add_prune_llm(sub) -> None:
     from .layerwise.blockwise import DEFAULT_SPARSITY
     from .layerwise.hf import DTYPES
-    from .vocabulary import LAYERWISE_SCOPES, LLM_METHODS
+    from .vocabulary import DEFAULT_LAYERWISE_METHOD, LAYERWISE_SCOPES, LLM_METHODS
 
     q = sub.add_parser("prune-llm", help="prune a Hugging Face causal LM from a local directory",
                        description=_PRUNE_LLM_DESCRIPTION, epilog=_methods_help(LLM_METHODS) + "\n\n" + _EXIT_HELP,
@@ -157,7 +157,7 @@ def _add_prune_llm(sub) -> None:
                         "then does not use)")
     q.add_argument("--no-eval", action="store_true",
                    help="skip both perplexities (default: measure them; calibration then uses all of --calib)")
-    q.add_argument("--method", default="layerwise-obd", choices=LLM_METHODS,
+    q.add_argument("--method", default=DEFAULT_LAYERWISE_METHOD, choices=LLM_METHODS,
                    help="how weights are scored, see the list below; obd, lm and fisher need the whole model on "
                         "the device (default: %(default)s)")
     q.add_argument("--pattern", default="unstructured", type=_pattern,

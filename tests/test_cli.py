@@ -89,7 +89,7 @@ def test_help_is_plain_with_defaults_and_the_methods(capsys):
     assert code == 0
     for markup in ("``", ":func:", ":mod:", ":class:", ".. "):
         assert markup not in out, markup
-    for default in ("(default: layerwise-obd)", "(default: unstructured)", "(default: 128)", "(default: 0)",
+    for default in ("(default: layerwise-obs)", "(default: unstructured)", "(default: 128)", "(default: 0)",
                     "default: 0.5 for", "default: row for layerwise-obd"):
         assert default in " ".join(out.split()), default
     flat = " ".join(out.split())
@@ -119,7 +119,7 @@ def test_help_is_plain_with_defaults_and_the_methods(capsys):
     (["--eval", "{missing}"], "--eval: no such file"),
     (["--calib", "{missing}"], "--calib: no such file"),
     (["--calib", "{dir}"], "--calib: is a directory, not a text file"),
-    (["--blocksize", "64"], "--blocksize applies to --method layerwise-obs only, not --method layerwise-obd"),
+    (["--method", "layerwise-obd", "--blocksize", "64"], "--blocksize applies to --method layerwise-obs only, not --method layerwise-obd"),
     (["--method", "magnitude", "--damp", "0.1"], "--damp applies to --method layerwise-obs only"),
     (["--method", "lm", "--sequential"], "--sequential applies to the layer-wise methods"),
     (["--method", "layerwise-obs", "--blocksize", "0"], "argument --blocksize: must be an integer >= 1, got 0"),

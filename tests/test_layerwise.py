@@ -92,7 +92,7 @@ def test_row_scope_masks_equal_wanda(sparsity):
     model, batches = _gpt(), [torch.randint(0, 61, (4, 16), generator=torch.Generator().manual_seed(i))
                               for i in range(3)]
     ours = copy.deepcopy(model)
-    result = prune_layerwise(ours, batches, sparsity=sparsity, progress=False)
+    result = prune_layerwise(ours, batches, sparsity=sparsity, method="layerwise-obd", progress=False)
     wanda = _wanda(copy.deepcopy(model), batches, sparsity)
     for (n, a), (_, b) in zip(ours.named_parameters(), wanda.named_parameters()):
         assert torch.equal(a == 0, b == 0), n
@@ -115,7 +115,7 @@ def test_nm_patterns(pattern):
 def test_layer_and_global_scopes(scope):
     model = _gpt()
     batches = [torch.randint(0, 61, (2, 16))]
-    result = prune_layerwise(model, batches, sparsity=0.5, scope=scope, progress=False)
+    result = prune_layerwise(model, batches, sparsity=0.5, scope=scope, method="layerwise-obd", progress=False)
     per_block = {}
     for r in result.layers:
         per_block.setdefault(".".join(r.name.split(".")[:2]), []).append(r)  # "blocks.0"
@@ -168,9 +168,9 @@ def test_layer_names_are_the_models_own():
 
 def test_vocabulary_defaults_and_conflicts():
     batches = [torch.randint(0, 61, (2, 16))]
-    r = prune_layerwise(_gpt(), batches, progress=False)
-    assert (r.method, r.scope, r.pattern, r.sparsity_target) == ("layerwise-obd", "row", "unstructured", 0.5)
-    assert repr(r).startswith("LayerwiseResult(method='layerwise-obd', pattern='unstructured', scope='row', "
+    r = prune_layerwise(_gpt(), batches, progress=False)  # the default method is the one that measured best
+    assert (r.method, r.scope, r.pattern, r.sparsity_target) == ("layerwise-obs", "row", "unstructured", 0.5)
+    assert repr(r).startswith("LayerwiseResult(method='layerwise-obs', pattern='unstructured', scope='row', "
                               "sparsity_target=0.5, sparsity=0.5, layers=12, calibration_rows=32, seconds=")
     r = prune_layerwise(_gpt(), batches, pattern="1:4", progress=False)  # sparsity implied by the pattern
     assert (r.scope, r.sparsity_target) == ("row", 0.75) and r.sparsity == pytest.approx(0.75)
@@ -257,7 +257,9 @@ def test_errors():
         find_blocks(nn.Sequential(nn.Linear(2, 2)))
     model.pos.weight.data[3, 5] = float("nan")
     with pytest.raises(ValueError, match=r"calibration statistics of layer 'qkv' are not finite"):
-        prune_layerwise(model, batches, progress=False)
+        prune_layerwise(model, batches, method="layerwise-obd", progress=False)
+    with pytest.raises(ValueError, match=r"calibration statistics X\^T X of layer 'qkv' are not finite"):
+        prune_layerwise(model, batches, progress=False)  # the default, layerwise-obs
     with pytest.raises(RuntimeError, match="no calibration inputs reached layer 'lin'"):
         CalibrationStats({"lin": nn.Linear(2, 2)}).curvature("lin")
 
@@ -425,6 +427,9 @@ def test_prune_llm_surgeon_settings_are_used_and_reported(tiny_lm, calib_file):
     assert r["detail"]["sparsity"] == 0.5 and all(layer["predicted_increase"] > 0 for layer in r["detail"]["layers"])
     r = hf.prune_llm(str(model_dir), None, calib=str(calib_file), nsamples=4, seq_len=16, evaluate=False,
                      progress=False)
+    assert (r["method"], r["sequential"]) == ("layerwise-obs", False)  # the default
+    r = hf.prune_llm(str(model_dir), None, calib=str(calib_file), nsamples=4, seq_len=16, evaluate=False,
+                     method="layerwise-obd", progress=False)
     assert (r["method"], r["blocksize"], r["damp"], r["sequential"]) == ("layerwise-obd", None, None, False)
     with pytest.raises(ValueError, match="blocksize and damp apply to method='layerwise-obs' only, not method='lm'"):
         hf.prune_llm(str(model_dir), None, calib=str(calib_file), method="lm", damp=0.1, evaluate=False)

@@ -37,7 +37,7 @@ from torch import Tensor
 
 from ..ops import saliency
 from ..selection import check_sparsity, prune_layers_, prune_nm_, prune_rows_, select_global
-from ..vocabulary import (LAYERWISE_METHODS, LAYERWISE_SCOPES, METHODS, check_method, check_pattern_sparsity,
+from ..vocabulary import (DEFAULT_LAYERWISE_METHOD, LAYERWISE_METHODS, LAYERWISE_SCOPES, METHODS, check_method, check_pattern_sparsity,
                           check_scope, parse_pattern)
 from .stats import CalibrationStats, GramStats, is_hf_conv1d, prunable_layers, weight_rows
 from .surgeon import DEFAULT_BLOCKSIZE, DEFAULT_DAMP, obs_prune_
@@ -526,8 +526,8 @@ def _check_surgeon_options(method: str, scope: str, pattern: str, blocksize: Opt
 
 
 def prune_layerwise(model: nn.Module, calibration: Iterable[Any], *, sparsity: Optional[float] = None,
-                    pattern: str = "unstructured", scope: Optional[str] = None, method: str = "layerwise-obd",
-                    run: Optional[Callable[[nn.Module, Any], Any]] = None, blocks: Optional[Sequence[nn.Module]] = None,
+                    pattern: str = "unstructured", scope: Optional[str] = None,
+                    method: str = DEFAULT_LAYERWISE_METHOD, run: Optional[Callable[[nn.Module, Any], Any]] = None, blocks: Optional[Sequence[nn.Module]] = None,
                     device: Optional[torch.device | str] = None, skip: Iterable[str] = (),
                     process_group: Any = None, progress: bool = True, blocksize: Optional[int] = None,
                     damp: Optional[float] = None, sequential: bool = False) -> LayerwiseResult:
@@ -550,11 +550,13 @@ def prune_layerwise(model: nn.Module, calibration: Iterable[Any], *, sparsity: O
             "row" for an N:M pattern (which selects within rows).
             ``"layerwise-obs"`` takes "row" or "layer" (SparseGPT's adaptive
             per-block mask), not "global".
-        method: "layerwise-obd" (each layer's reconstruction Hessian diagonal:
-            Wanda's masks for scope "row"), "layerwise-obs" (the Optimal Brain
-            Surgeon with the full reconstruction Hessian ``2 X^T X``: the kept
+        method: "layerwise-obs" (the default,
+            ``obd_ext.vocabulary.DEFAULT_LAYERWISE_METHOD``: the Optimal Brain
+            Surgeon with the full reconstruction Hessian ``2 X^T X``, the kept
             weights are updated; SparseGPT's algorithm,
-            :func:`obd_ext.layerwise.surgeon.obs_prune_`) or "magnitude"
+            :func:`obd_ext.layerwise.surgeon.obs_prune_`), "layerwise-obd"
+            (each layer's reconstruction Hessian diagonal: Wanda's masks for
+            scope "row"; no update, one forward per block) or "magnitude"
             (``|w|``, for comparison; no calibration pass); see
             ``obd_ext.vocabulary.METHODS``.
         run: ``run(model, batch)`` does one forward; default ``model(batch)``.

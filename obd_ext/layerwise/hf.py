@@ -7,12 +7,13 @@ so it loads back in plain transformers without obd_ext.
 
 Methods (``obd_ext.vocabulary.LLM_METHODS``):
 
-- ``"layerwise-obd"`` (default): layer-wise OBD, block by block
-  (:func:`~obd_ext.layerwise.blockwise.prune_layerwise`); scales to models
-  larger than the GPU. ``"layerwise-obs"`` takes the same path with the
-  Optimal Brain Surgeon (the full ``X^T X`` per layer, and updates of the kept
-  weights; SparseGPT's algorithm); ``"magnitude"`` with ``|w|`` (no
-  calibration pass).
+- ``"layerwise-obs"`` (the default: it measured best, bench/RESULTS.md):
+  the Optimal Brain Surgeon layer by layer, block by block
+  (:func:`~obd_ext.layerwise.blockwise.prune_layerwise`; the full ``X^T X``
+  per layer and updates of the kept weights, SparseGPT's algorithm); scales
+  to models larger than the GPU. ``"layerwise-obd"`` takes the same path with
+  the diagonal of ``X^T X`` only (Wanda's score, no update: cheaper);
+  ``"magnitude"`` with ``|w|`` (no calibration pass).
 - ``"obd"``, ``"lm"``, ``"fisher"``: the whole-network curvature engine
   (``obd_ext.hessian_diag`` on the next-token cross-entropy), for models that
   fit on the device; it prunes the same layers as the layer-wise path.
@@ -35,7 +36,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from ..vocabulary import LAYERWISE_METHODS, LLM_METHODS, check_method
+from ..vocabulary import DEFAULT_LAYERWISE_METHOD, LAYERWISE_METHODS, LLM_METHODS, check_method
 from .blockwise import (_check_surgeon_options, _prune_by_saliency, find_blocks, forward_blockwise, prune_layerwise,
                         resolve_scope, resolve_sparsity)
 from .stats import prunable_layers, weight_rows_of
@@ -421,7 +422,7 @@ def _write_json(path: str, obj: Dict[str, Any]) -> None:
 
 def prune_llm(model_dir: str, out_dir: Optional[str], *, calib: str, sparsity: Optional[float] = None,
               pattern: str = "unstructured", eval_text: Optional[str] = None, nsamples: int = 128,
-              seq_len: Optional[int] = None, scope: Optional[str] = None, method: str = "layerwise-obd",
+              seq_len: Optional[int] = None, scope: Optional[str] = None, method: str = DEFAULT_LAYERWISE_METHOD,
               device: Optional[torch.device | str] = None, dtype: Optional[torch.dtype] = None, seed: int = 0,
               evaluate: bool = True, overwrite: bool = False, progress: bool = True,
               log: Optional[Callable[[str], None]] = None, blocksize: Optional[int] = None,
@@ -456,8 +457,8 @@ def prune_llm(model_dir: str, out_dir: Optional[str], *, calib: str, sparsity: O
             "global") and "global" for the whole-network ones
             (``obd_ext.vocabulary.default_scope``); None or "row" for N:M
             (which selects within rows).
-        method: one of ``obd_ext.vocabulary.LLM_METHODS``: "layerwise-obd"
-            or "layerwise-obs" (block by block), "magnitude", or
+        method: one of ``obd_ext.vocabulary.LLM_METHODS``: "layerwise-obs"
+            (the default) or "layerwise-obd" (block by block), "magnitude", or
             "obd"/"lm"/"fisher" (whole-network curvature; the model must fit
             on the device).
         device: where blocks are processed and perplexity is computed, block
