@@ -168,7 +168,7 @@ def _add_prune_llm(sub) -> None:
                         "unstructured; an N:M pattern implies 1 - N/M and allows no other value)")
     q.add_argument("--scope", choices=LAYERWISE_SCOPES,
                    help="the pool the lowest saliencies are taken from, for unstructured sparsity: row (each "
-                        "output row), layer, or global (default: row for layerwise-obd, layerwise-obs and "
+                        "output row), layer, or global (default: layer for layerwise-obs, row for layerwise-obd and "
                         "magnitude, global for obd, lm and fisher; layerwise-obs takes row or layer; an N:M pattern "
                         "selects within rows: row or nothing)")
     q.add_argument("--blocksize", type=_positive_int, metavar="B",

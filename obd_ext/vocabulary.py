@@ -122,7 +122,7 @@ def check_method(method: str, accepted: Sequence[str], where: str) -> str:
     raise ValueError(f"method must be one of {tuple(accepted)} for {where}, got {method!r}")
 
 
-def default_scope(layerwise: bool) -> str:
+def default_scope(layerwise: bool, method: Optional[str] = None) -> str:
     """The scope used when ``scope=None``: one rule for every entry point.
 
     Whole-model saliencies (``hessian_diag`` methods, magnitude, random) are
@@ -131,18 +131,26 @@ def default_scope(layerwise: bool) -> str:
     saliencies are each layer's own reconstruction error, in units that differ
     from layer to layer, so the default compares them within each output row
     (``"row"``, Wanda's choice; layer-wise pruning with ``"layer"`` or
-    ``"global"`` is allowed but measured worse).
+    ``"global"`` is allowed but measured worse). The surgeon
+    (``"layerwise-obs"``) is the exception: its score is the increase of the
+    whole layer's error after the kept weights are updated, comparable across
+    the rows of a layer, so it pools the layer (``"layer"``, SparseGPT's
+    adaptive mask), which measured at or below ``"row"`` and llm-compressor's
+    SparseGPT on both trained models (bench/RESULTS.md).
     """
-    return "row" if layerwise else "global"
+    if not layerwise:
+        return "global"
+    return "layer" if method == "layerwise-obs" else "row"
 
 
-def check_scope(scope: Optional[str], accepted: Sequence[str], layerwise: bool = False) -> str:
+def check_scope(scope: Optional[str], accepted: Sequence[str], layerwise: bool = False,
+                method: Optional[str] = None) -> str:
     """The scope to use: ``scope``, or :func:`default_scope` when None; ValueError if not accepted."""
     if scope is None:
-        return default_scope(layerwise)
+        return default_scope(layerwise, method)
     if scope not in accepted:
-        raise ValueError(f"scope must be one of {tuple(accepted)} (or None for {default_scope(layerwise)!r}), "
-                         f"got {scope!r}")
+        raise ValueError(f"scope must be one of {tuple(accepted)} (or None for "
+                         f"{default_scope(layerwise, method)!r}), got {scope!r}")
     return scope
 
 

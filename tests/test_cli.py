@@ -90,7 +90,7 @@ def test_help_is_plain_with_defaults_and_the_methods(capsys):
     for markup in ("``", ":func:", ":mod:", ":class:", ".. "):
         assert markup not in out, markup
     for default in ("(default: layerwise-obs)", "(default: unstructured)", "(default: 128)", "(default: 0)",
-                    "default: 0.5 for", "default: row for layerwise-obd"):
+                    "default: 0.5 for", "default: layer for layerwise-obs, row for layerwise-obd"):
         assert default in " ".join(out.split()), default
     flat = " ".join(out.split())
     for name in LLM_METHODS:

@@ -169,8 +169,8 @@ def test_layer_names_are_the_models_own():
 def test_vocabulary_defaults_and_conflicts():
     batches = [torch.randint(0, 61, (2, 16))]
     r = prune_layerwise(_gpt(), batches, progress=False)  # the default method is the one that measured best
-    assert (r.method, r.scope, r.pattern, r.sparsity_target) == ("layerwise-obs", "row", "unstructured", 0.5)
-    assert repr(r).startswith("LayerwiseResult(method='layerwise-obs', pattern='unstructured', scope='row', "
+    assert (r.method, r.scope, r.pattern, r.sparsity_target) == ("layerwise-obs", "layer", "unstructured", 0.5)
+    assert repr(r).startswith("LayerwiseResult(method='layerwise-obs', pattern='unstructured', scope='layer', "
                               "sparsity_target=0.5, sparsity=0.5, layers=12, calibration_rows=32, seconds=")
     r = prune_layerwise(_gpt(), batches, pattern="1:4", progress=False)  # sparsity implied by the pattern
     assert (r.scope, r.sparsity_target) == ("row", 0.75) and r.sparsity == pytest.approx(0.75)
@@ -366,7 +366,7 @@ def test_prune_llm_methods(tiny_lm, calib_file, eval_file, method):
     assert r["detail"]["sparsity"] == pytest.approx(0.5, abs=0.01)
     assert r["perplexity_before"] > 1 and r["perplexity_after"] > 1
     # the scope actually used, the same at the top and in the detail (magnitude included)
-    assert r["scope"] == r["detail"]["scope"] == ("global" if method == "lm" else "row")
+    assert r["scope"] == r["detail"]["scope"] == {"lm": "global", "layerwise-obs": "layer"}.get(method, "row")
     assert r["method"] == r["detail"]["method"] == method
 
 
@@ -540,7 +540,7 @@ def test_hf_row_scope_prunes_output_rows(tiny_lm, calib_file):
     kind, model_dir = tiny_lm
     model, tok = hf.load_causal_lm(str(model_dir))
     windows = hf.calibration_windows(tok, TEXT, 4, 32)
-    prune_layerwise(model, windows.split(2), sparsity=0.25, run=hf.run_causal_lm, progress=False)
+    prune_layerwise(model, windows.split(2), sparsity=0.25, scope="row", run=hf.run_causal_lm, progress=False)
     prefix, blocks = find_blocks(model)
     for name, layer in prunable_layers(blocks).items():
         w = obd_ext.layerwise.weight_rows(layer)

@@ -61,11 +61,12 @@ def resolve_sparsity(pattern: str, sparsity: Optional[float]) -> float:
     return check_sparsity(DEFAULT_SPARSITY if implied is None else implied)
 
 
-def resolve_scope(pattern: str, scope: Optional[str], layerwise: bool = True) -> str:
+def resolve_scope(pattern: str, scope: Optional[str], layerwise: bool = True, method: Optional[str] = None) -> str:
     """The selection pool actually used: ``scope``, or the default for None.
 
     ``scope=None`` means :func:`obd_ext.vocabulary.default_scope` (``"row"``
-    for layer-wise saliencies, ``"global"`` for whole-network ones). An N:M
+    for layer-wise saliencies, ``"layer"`` for the surgeon's, ``"global"``
+    for whole-network ones). An N:M
     pattern selects within rows (each group of M consecutive inputs of a row
     is a pool), as in ``obd_ext.prune_``: its scope is ``"row"``, and any
     other scope given with it is an error rather than silently ignored.
@@ -74,7 +75,7 @@ def resolve_scope(pattern: str, scope: Optional[str], layerwise: bool = True) ->
         if scope not in (None, "row"):
             raise ValueError(f"pattern={pattern!r} selects within rows; scope must be None or 'row', got {scope!r}")
         return "row"
-    return check_scope(scope, LAYERWISE_SCOPES, layerwise=layerwise)
+    return check_scope(scope, LAYERWISE_SCOPES, layerwise=layerwise, method=method)
 
 
 def find_blocks(model: nn.Module) -> Tuple[str, nn.ModuleList]:
@@ -542,8 +543,9 @@ def prune_layerwise(model: nn.Module, calibration: Iterable[Any], *, sparsity: O
             :data:`DEFAULT_SPARSITY` for an unstructured pattern and
             ``1 - N/M`` for an N:M one (any other value with N:M is an error).
         pattern: "unstructured", "2:4", "4:8" or any "N:M".
-        scope: the pool the lowest saliencies are taken from: "row" (the
-            default for None; Wanda's), "layer", or "global" (one pool over
+        scope: the pool the lowest saliencies are taken from: "row" (Wanda's;
+            None means it for layerwise-obd and magnitude), "layer" (None
+            means it for layerwise-obs), or "global" (one pool over
             each block's layers: a later block's statistics depend on the
             pruning of earlier ones, so a pool over the whole model is what the
             whole-network curvature of obd_ext.layerwise.hf gives). None or
@@ -590,7 +592,7 @@ def prune_layerwise(model: nn.Module, calibration: Iterable[Any], *, sparsity: O
     """
     method = check_method(method, LAYERWISE_METHODS, "prune_layerwise")
     sparsity = resolve_sparsity(pattern, sparsity)
-    scope = resolve_scope(pattern, scope)
+    scope = resolve_scope(pattern, scope, method=method)
     blocksize, damp = _check_surgeon_options(method, scope, pattern, blocksize, damp, "prune_layerwise")
     if not isinstance(sequential, bool):
         raise ValueError(f"prune_layerwise: sequential must be True or False, got {sequential!r}")

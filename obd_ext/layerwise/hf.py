@@ -450,11 +450,11 @@ def prune_llm(model_dir: str, out_dir: Optional[str], *, calib: str, sparsity: O
             10% of ``calib``, which calibration then does not use).
         nsamples: calibration windows (>= 1).
         seq_len: tokens per window (default: min(2048, the model's context)).
-        scope: "row", "layer" or "global"; None means "row" for the layer-wise
-            methods (layerwise-obd, layerwise-obs, magnitude; pass "layer" for
-            the classic per-layer magnitude baseline, or for SparseGPT's
-            adaptive per-layer mask with layerwise-obs, which refuses
-            "global") and "global" for the whole-network ones
+        scope: "row", "layer" or "global"; None means "layer" for
+            layerwise-obs (SparseGPT's adaptive per-layer mask; it refuses
+            "global"), "row" for layerwise-obd and magnitude (pass "layer" for
+            the classic per-layer magnitude baseline) and "global" for the
+            whole-network ones
             (``obd_ext.vocabulary.default_scope``); None or "row" for N:M
             (which selects within rows).
         method: one of ``obd_ext.vocabulary.LLM_METHODS``: "layerwise-obs"
@@ -495,7 +495,7 @@ def prune_llm(model_dir: str, out_dir: Optional[str], *, calib: str, sparsity: O
     method = check_method(method, LLM_METHODS, "prune_llm")
     layerwise = method in LAYERWISE_METHODS
     sparsity = resolve_sparsity(pattern, sparsity)
-    scope = resolve_scope(pattern, scope, layerwise=layerwise)
+    scope = resolve_scope(pattern, scope, layerwise=layerwise, method=method)
     if layerwise:
         blocksize, damp = _check_surgeon_options(method, scope, pattern, blocksize, damp, "prune_llm")
         if method != "layerwise-obs":
