@@ -401,3 +401,45 @@ def test_weights_left_or_shrunk_by_prune_are_zero_after_the_first_step(factor):
     nn.functional.cross_entropy(model(torch.randn(8, 6)), torch.randint(0, 3, (8,))).backward()
     opt.step()
     assert all((model.get_parameter(k)[~m] == 0).all() for k, m in pruner.masks.items())
+
+
+# --- the gradient hook: an integer AND with the keep-mask ---------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_grad_hook_zeroes_deleted_entries_exactly_and_keeps_the_rest_bit_for_bit(dtype):
+    lin = nn.Linear(6, 4).to(dtype)
+    pruner = Pruner(lin, ["weight"])
+    pruner.prune(0.5, method="magnitude")
+    keep = pruner.masks["weight"]
+    g = torch.randn(4, 6).to(dtype)
+    g[~keep] = torch.tensor([float("nan"), float("inf"), -float("inf"), -0.0] * 3)[: int((~keep).sum())].to(dtype)
+    lin.weight.grad = None
+    lin.weight.backward(g)  # accumulates g as the gradient: the post-accumulate hook runs
+    got = lin.weight.grad
+    assert torch.equal(got[keep], g[keep])
+    assert bool((got[~keep] == 0).all()) and not bool(torch.signbit(got[~keep]).any())  # +0.0, NaN/Inf included
+
+
+def test_grad_hook_follows_in_place_edits_of_the_masks():
+    lin = nn.Linear(5, 3)
+    pruner = Pruner(lin, ["weight"])
+    pruner.prune(0.4, method="magnitude")
+    lin(torch.randn(2, 5)).sum().backward()  # builds the cached integer mask
+    with torch.no_grad():
+        lin.weight[0, 0] = 0.0
+    pruner.masks["weight"][0, 0] = False  # an in-place edit: the cached mask must not be used
+    lin.weight.grad = None
+    lin(torch.randn(2, 5)).sum().backward()
+    assert lin.weight.grad[0, 0] == 0 and bool((lin.weight.grad[~pruner.masks["weight"]] == 0).all())
+    pruner.revive()  # masks replaced: every gradient entry flows again
+    lin.weight.grad = None
+    lin(torch.ones(2, 5)).sum().backward()
+    assert bool((lin.weight.grad != 0).all())
+
+
+def test_sparse_gradient_is_a_clear_error():
+    emb = nn.Embedding(10, 4, sparse=True)
+    pruner = Pruner(emb, ["weight"])
+    pruner.prune(0.5, method="magnitude")
+    with pytest.raises(RuntimeError, match=r"gradient of 'weight' is torch.sparse_coo.*sparse=False"):
+        emb(torch.tensor([1, 2])).sum().backward()
