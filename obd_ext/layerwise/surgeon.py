@@ -224,11 +224,6 @@ def _cum(k: int, end: int, n: int) -> int:
     return (2 * k * end + n) // (2 * n)
 
 
-def _lowest(scores: Tensor, k: int) -> Tensor:
-    """Indices of the ``k`` lowest of a 1-D tensor, equal values in index order."""
-    return torch.sort(scores, stable=True).indices[:k]
-
-
 _TILE_ELEMENTS = 1 << 15
 """Entries of the tile a column step updates on CPU: below ATen's grain size (32768), so each of the sweep's
 many small ops runs on one thread, cache-resident, with no parallel region to enter. Measured on a shared
@@ -352,9 +347,10 @@ def obs_prune_(weight: Tensor, gram: Tensor, *, sparsity: Optional[float] = None
                     _mark_lowest_(scores, kb, d1, index[:count])
             else:
                 kb = _cum(k_layer, i2, cols) - _cum(k_layer, i1, cols)
-                if kb:  # ties in row-major order of the [rows, columns] weight
-                    flat = torch.zeros(rows * count, dtype=torch.bool, device=device)
-                    flat[_lowest(scores.t().reshape(-1), kb)] = True
+                if kb:  # ties in row-major order of the [rows, columns] weight: one pool, keyed like a row's
+                    flat = torch.empty((rows * count, 1), dtype=torch.bool, device=device)
+                    _mark_lowest_(scores.t().reshape(-1, 1), kb, flat,
+                                  torch.arange(rows * count, device=device)[:, None])
                     d1.copy_(flat.view(rows, count).t())
             # e_i = (w_i - q_i) / U_ii, nonzero where deleted
             torch.mul(d1, iu1, out=s1)
