@@ -138,7 +138,8 @@ def conv1d_to_linear_(model: nn.Module) -> int:
 
 def llmc_prune(model: nn.Module, tokenizer, batches, method: str, pattern: str) -> float:
     """llm-compressor's oneshot on ``model`` with the given calibration batches; returns the call's seconds."""
-    os.environ.setdefault("LLM_COMPRESSOR_LOG_DISABLED", "true")  # its per-layer log lines; "false" shows them
+    # Its log stays on: with LLM_COMPRESSOR_LOG_DISABLED=true, llm-compressor 0.14 does not register its
+    # METRIC level and then fails logging a metric ("Level 'METRIC' does not exist").
     try:
         import llmcompressor  # noqa: F401
     except ImportError as e:
