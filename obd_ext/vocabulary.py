@@ -98,7 +98,7 @@ LLM_METHODS: Tuple[str, ...] = ("layerwise-obd", "layerwise-obs", "magnitude", "
 # models trained here it gives the lowest perplexity at 50% and under 2:4 of
 # obd_ext's methods, level with llm-compressor's SparseGPT (the same algorithm;
 # at most 0.002% apart), for an X^T X per input and a sweep per layer on top of
-# layer-wise OBD's cost (bench: 1.4x its time).
+# layer-wise OBD's cost (bench: 1.4-1.6x its time).
 DEFAULT_LAYERWISE_METHOD = "layerwise-obs"
 
 # Where to go for a method an entry point does not take.
