@@ -312,6 +312,16 @@ def semi_structured_rows(d: int, ffn: int, batches: List[int], device: str, dtyp
     return rows
 
 
+def restorer(weights: Dict[str, torch.Tensor]):
+    """A ``setup`` for ``time_call`` that puts ``weights`` back as they are now (each timed call prunes them)."""
+    fresh = {k: v.clone() for k, v in weights.items()}
+
+    def setup() -> None:
+        for k in weights:
+            weights[k].copy_(fresh[k])
+    return setup
+
+
 def surgeon_row(shapes, tokens: int, dtype, device: str, pattern: str, args) -> Dict[str, object]:
     """The surgeon on ``--timed-blocks`` blocks: total, and statistics / factorisation / sweep, and peak memory."""
     mismatch = check_surgeon(pattern, device)
@@ -319,12 +329,7 @@ def surgeon_row(shapes, tokens: int, dtype, device: str, pattern: str, args) -> 
     times, parts, factors, mems = [], [], [], []
     for b in range(args.timed_blocks):
         weights, inputs = make_block(shapes, tokens, dtype, device, seed=10 + b)
-        fresh = {k: v.clone() for k, v in weights.items()}
-
-        def setup(fresh=fresh, weights=weights):
-            for k in weights:
-                weights[k].copy_(fresh[k])
-
+        setup = restorer(weights)
         times.append(time_call(lambda: obs_block(weights, inputs, shapes, 0.5, pattern), device, args.repeats,
                                setup=setup))
         setup()
@@ -336,7 +341,7 @@ def surgeon_row(shapes, tokens: int, dtype, device: str, pattern: str, args) -> 
         del grams
         setup()
         mems.append(peak_extra_bytes(lambda: obs_block(weights, inputs, shapes, 0.5, pattern), device))
-        del weights, inputs, fresh
+        del weights, inputs, setup
     n = len(times)
     per_block = sum(times) / n
     stats = sum(p["stats_s"] for p in parts) / n
@@ -388,17 +393,12 @@ def main(argv=None) -> int:
             times, mems = [], []
             for b in range(args.timed_blocks):
                 weights, inputs = make_block(shapes, tokens, dtype, device, seed=10 + b)
-                fresh = {k: v.clone() for k, v in weights.items()}
-
-                def setup(fresh=fresh, weights=weights):
-                    for k in weights:
-                        weights[k].copy_(fresh[k])
-
+                setup = restorer(weights)
                 times.append(time_call(lambda: fn(weights, inputs, shapes, 0.5, pattern), device, args.repeats,
                                        setup=setup))
                 setup()
                 mems.append(peak_extra_bytes(lambda: fn(weights, inputs, shapes, 0.5, pattern), device))
-                del weights, inputs, fresh
+                del weights, inputs, setup
             per_block = sum(times) / len(times)
             params = sum(o * i for _, o, i, _ in shapes)
             mem = max(m for m in mems) if all(m is not None for m in mems) else None

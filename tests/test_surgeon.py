@@ -44,9 +44,8 @@ CASES = [  # rows, cols, blocksize, pattern, scope, sparsity
 ]
 
 
-@pytest.mark.parametrize("rows, cols, bs, pattern, scope, sparsity", CASES, ids=str)
-def test_blocked_sweep_equals_the_reference(rows, cols, bs, pattern, scope, sparsity):
-    w0, x, gram = _layer(rows, cols, dead=(2,))
+def _sweep_equals_the_reference(w0, gram, sparsity, pattern, scope, bs):
+    """obs_prune_ in float64 against reference.obs_prune: the same mask, weights and predicted increase."""
     w = w0.clone()
     res = obs_prune_(w, gram, sparsity=sparsity, pattern=pattern, scope=scope, blocksize=bs, dtype=f64)
     ref_w, ref_keep, ref_loss = reference.obs_prune(w0, gram, sparsity=sparsity, pattern=pattern, scope=scope,
@@ -54,6 +53,13 @@ def test_blocked_sweep_equals_the_reference(rows, cols, bs, pattern, scope, spar
     assert torch.equal(res.mask, ref_keep)
     torch.testing.assert_close(w, ref_w, rtol=1e-9, atol=1e-9)
     assert res.predicted_increase == pytest.approx(ref_loss, rel=1e-9)
+    return w, res
+
+
+@pytest.mark.parametrize("rows, cols, bs, pattern, scope, sparsity", CASES, ids=str)
+def test_blocked_sweep_equals_the_reference(rows, cols, bs, pattern, scope, sparsity):
+    w0, x, gram = _layer(rows, cols, dead=(2,))
+    w, res = _sweep_equals_the_reference(w0, gram, sparsity, pattern, scope, bs)
     assert res.dead_inputs == 1
     # deleted entries are exactly zero; the pattern is met exactly
     assert bool((w[~res.mask] == 0).all())
@@ -87,13 +93,7 @@ def test_sub_blocked_sweep_equals_the_reference(monkeypatch, rows, cols, bs, pat
     monkeypatch.setattr(surgeon, "_TILE_ELEMENTS", 1)
     assert surgeon._sub_block(rows, bs, 4 if pattern == "2:4" else 8, torch.device("cpu")) == 8
     w0, _, gram = _layer(rows, cols, dead=(2, 9))
-    w = w0.clone()
-    res = obs_prune_(w, gram, sparsity=sparsity, pattern=pattern, scope=scope, blocksize=bs, dtype=f64)
-    ref_w, ref_keep, ref_loss = reference.obs_prune(w0, gram, sparsity=sparsity, pattern=pattern, scope=scope,
-                                                   blocksize=bs)
-    assert torch.equal(res.mask, ref_keep)
-    torch.testing.assert_close(w, ref_w, rtol=1e-9, atol=1e-9)
-    assert res.predicted_increase == pytest.approx(ref_loss, rel=1e-9)
+    _sweep_equals_the_reference(w0, gram, sparsity, pattern, scope, bs)
 
 
 @pytest.mark.parametrize("k", [0, 1, 3, 6, 7])

@@ -81,7 +81,33 @@ def _conv_window_sums(conv: nn.Conv1d | nn.Conv2d, x: Tensor, dtype: torch.dtype
     return out
 
 
-class CalibrationStats:
+class _InputHooks:
+    """What both statistics share: the layers, the accumulation dtype, rows seen, and the
+    forward pre-hooks that feed each layer's input to ``add`` inside a ``with`` block."""
+
+    def __init__(self, layers: Dict[str, nn.Module], acc_dtype: torch.dtype):
+        if acc_dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"acc_dtype must be torch.float32 or torch.float64, got {acc_dtype}")
+        self.layers = dict(layers)
+        self.acc_dtype = acc_dtype
+        self.rows: Dict[str, int] = {n: 0 for n in self.layers}
+        self._handles: List = []
+
+    def add(self, name: str, x: Tensor) -> None:  # pragma: no cover - each statistic defines it
+        raise NotImplementedError
+
+    def __enter__(self):
+        for name, m in self.layers.items():
+            self._handles.append(m.register_forward_pre_hook(lambda mod, args, name=name: self.add(name, args[0])))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+
+class CalibrationStats(_InputHooks):
     """Accumulates ``sum_n x_nj^2`` over the inputs of ``layers`` while the model runs.
 
     Use as a context manager around forward passes::
@@ -97,23 +123,8 @@ class CalibrationStats:
     """
 
     def __init__(self, layers: Dict[str, nn.Module], acc_dtype: torch.dtype = torch.float32):
-        if acc_dtype not in (torch.float32, torch.float64):
-            raise ValueError(f"acc_dtype must be torch.float32 or torch.float64, got {acc_dtype}")
-        self.layers = dict(layers)
-        self.acc_dtype = acc_dtype
+        super().__init__(layers, acc_dtype)
         self.sums: Dict[str, Optional[Tensor]] = {n: None for n in self.layers}
-        self.rows: Dict[str, int] = {n: 0 for n in self.layers}
-        self._handles: List = []
-
-    def __enter__(self) -> "CalibrationStats":
-        for name, m in self.layers.items():
-            self._handles.append(m.register_forward_pre_hook(lambda mod, args, name=name: self.add(name, args[0])))
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
 
     @torch.no_grad()
     def add(self, name: str, x: Tensor) -> None:
@@ -162,7 +173,7 @@ class CalibrationStats:
 
 
 
-class GramStats:
+class GramStats(_InputHooks):
     """Accumulates ``X^T X`` (summed over tokens) at the input of each linear layer while the model runs.
 
     Layers called on the very same input tensor one after the other (a
@@ -185,29 +196,17 @@ class GramStats:
     """
 
     def __init__(self, layers: Dict[str, nn.Module], acc_dtype: torch.dtype = torch.float32):
-        if acc_dtype not in (torch.float32, torch.float64):
-            raise ValueError(f"acc_dtype must be torch.float32 or torch.float64, got {acc_dtype}")
-        for name, m in layers.items():
+        super().__init__(layers, acc_dtype)
+        for name, m in self.layers.items():
             if not (isinstance(m, nn.Linear) or is_hf_conv1d(m)):
                 raise ValueError(f"layer {name!r} is a {type(m).__name__}: the full X^T X statistics (layer-wise "
                                  "OBS) support nn.Linear and transformers' Conv1D only")
-        self.layers = dict(layers)
-        self.acc_dtype = acc_dtype
         self.leader: Dict[str, str] = {}  # name -> the layer whose matrix it uses (itself when not shared)
         self.sums: Dict[str, Tensor] = {}  # leader name -> X^T X
-        self.rows: Dict[str, int] = {n: 0 for n in self.layers}
         self._last: Optional[tuple] = None  # (input tensor, leader) of the latest call
-        self._handles: List = []
-
-    def __enter__(self) -> "GramStats":
-        for name, m in self.layers.items():
-            self._handles.append(m.register_forward_pre_hook(lambda mod, args, name=name: self.add(name, args[0])))
-        return self
 
     def __exit__(self, *exc) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
+        super().__exit__(*exc)
         self._last = None  # do not keep an activation alive
 
     @torch.no_grad()
