@@ -11,7 +11,7 @@ from obd_ext.curvature import estimators, hessian_diag
 from obd_ext.curvature.losses import sampled_targets
 from obd_ext.curvature.per_sample import layerwise_squared
 from obd_ext.models import GPT, LeNet5, SmallResNet, mlp
-from testing import float64_by_default  # noqa: F401  (autouse fixture: every test in float64)
+from testing import fisher_by_loop, float64_by_default  # noqa: F401  (autouse fixture: every test in float64)
 
 
 
@@ -357,26 +357,6 @@ def test_categorical_draw_matches_the_distribution_and_never_draws_a_zero():
 # ---------------------------------------------------------------------------
 
 
-def loop_by_definition(model, loss_fn, x, t):
-    """c * sum_n (d l_n / d theta)^2 with c read off the loss itself: c = loss / sum_n l_n
-    (l_n: sample n's loss under reduction "sum"), so no normalisation rule is restated."""
-    import copy
-
-    summed = copy.copy(loss_fn)
-    summed.reduction = "sum"
-    params = {k: p for k, p in model.named_parameters() if p.requires_grad}
-    acc = {k: torch.zeros_like(p) for k, p in params.items()}
-    total = 0.0
-    for b in range(x.shape[0]):
-        loss = summed(model(x[b:b + 1]), t[b:b + 1])
-        total += float(loss.detach())
-        for k, g in zip(params, torch.autograd.grad(loss, list(params.values()))):
-            acc[k] += g * g
-    with torch.no_grad():
-        c = float(loss_fn(model(x), t)) / total
-    return {k: v * c for k, v in acc.items()}
-
-
 class Pixels(nn.Module):
     """Per-pixel classification: logits (N, C, H, W), a target per pixel."""
 
@@ -429,7 +409,7 @@ def test_fisher_on_every_cross_entropy_form(case, reduction, path, monkeypatch):
     if path == "torch.func":
         monkeypatch.setattr(estimators, "_rows_fast_path", lambda *a: (None, None))
     res = hessian_diag(model, loss_fn, (x, t), method="fisher", progress=False)
-    ref = loop_by_definition(model, loss_fn, x, t)
+    ref = fisher_by_loop(model, loss_fn, x, t)
     for k in ref:
         assert close(res[k], ref[k]), (case, reduction, path, k, float((res[k] / ref[k]).max()))
 
@@ -441,13 +421,13 @@ def test_fisher_with_nll_loss_and_bce_weights():
     for reduction in ("mean", "sum"):
         loss_fn = nn.NLLLoss(weight=torch.tensor([0.5, 2.0, 1.0, 3.0]), reduction=reduction)
         res = hessian_diag(model, loss_fn, (x, t), method="fisher", progress=False)
-        ref = loop_by_definition(model, loss_fn, x, t)
+        ref = fisher_by_loop(model, loss_fn, x, t)
         assert all(close(res[k], ref[k]) for k in ref), reduction
     model = Pixels(classes=3).double()
     yb = (torch.rand(5, 3, 3, 3) > 0.5).double()
     loss_fn = nn.BCEWithLogitsLoss(pos_weight=torch.tensor([1.0, 3.0, 0.5]).reshape(3, 1, 1))
     res = hessian_diag(model, loss_fn, (x, yb), method="fisher", progress=False)
-    ref = loop_by_definition(model, loss_fn, x, yb)
+    ref = fisher_by_loop(model, loss_fn, x, yb)
     assert all(close(res[k], ref[k]) for k in ref)
 
 
@@ -461,7 +441,7 @@ def test_ggn_mc_keeps_ignored_positions_ignored():
     with torch.no_grad():
         drawn = sampled_targets(model(x), loss_fn, torch.Generator().manual_seed(5), t)
     assert bool((drawn[t == -100] == -100).all()) and bool((drawn[t != -100] >= 0).all())
-    ref = loop_by_definition(model, loss_fn, x, drawn)
+    ref = fisher_by_loop(model, loss_fn, x, drawn)
     assert all(close(res[k], ref[k]) for k in ref)
 
 

@@ -7,7 +7,6 @@ regularisers, hand-written losses: "no second-order rule for the loss";
 fisher on Huber, SmoothL1 and KLDiv: "fisher and ggn-mc need a loss ...").
 """
 
-import copy
 
 import pytest
 import torch
@@ -15,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from testing import brute_rule_diagonal, float64_by_default  # noqa: F401  (autouse fixture: every test in float64)
+from testing import brute_rule_diagonal, fisher_by_loop, float64_by_default  # noqa: F401  (autouse fixture: every test in float64)
 from obd_ext.curvature import CurvatureAccumulator, UnsupportedOpError, hessian_diag
 from obd_ext.curvature import losses as losses_mod
 from obd_ext.curvature.rules import RULES, Ctx
@@ -378,23 +377,6 @@ def test_loss_node_rules_against_autograd(name, reduction):
                 assert close(g_in[slot], torch.autograd.grad(op(v), v, g_out)[0]), (name, slot)
 
 
-def loop_fisher(model, loss_fn, x, t):
-    """c * sum_n (d l_n / d theta)^2, c read off the loss: loss / sum_n l_n (reduction "sum")."""
-    summed = copy.copy(loss_fn)
-    summed.reduction = "sum"
-    params = dict(model.named_parameters())
-    acc = {k: torch.zeros_like(p) for k, p in params.items()}
-    total = 0.0
-    for b in range(x.shape[0]):
-        loss = summed(model(x[b:b + 1]), t[b:b + 1])
-        total += float(loss.detach())
-        for k, g in zip(params, torch.autograd.grad(loss, list(params.values()))):
-            acc[k] += g * g
-    with torch.no_grad():
-        c = float(loss_fn(model(x), t)) / total
-    return {k: v * c for k, v in acc.items()}
-
-
 # the cross-entropy, NLL and BCE forms are test_curvature_fisher.py's
 FISHER = ["huber", "smooth_l1", "kldiv", "kldiv_log_target"]
 
@@ -406,7 +388,7 @@ def test_fisher_equals_a_per_sample_loop(name, reduction, conv):
     x, t = _inputs(conv), _targets(kind, conv)
     loss_fn = make(reduction)
     res = hessian_diag(model, loss_fn, (x, t), method="fisher", progress=False)
-    ref = loop_fisher(model, loss_fn, x, t)
+    ref = fisher_by_loop(model, loss_fn, x, t)
     for k in ref:
         assert close(res[k], ref[k]), (k, float((res[k] - ref[k]).abs().max()))
 
@@ -421,7 +403,7 @@ def test_ggn_mc_with_nll_after_log_softmax(conv):
     with torch.no_grad():
         drawn = losses_mod.sampled_targets(model(x), nn.NLLLoss(), torch.Generator().manual_seed(3), t)
     assert bool((drawn.view(-1)[1] == -100)) and bool((drawn >= 0).sum() == drawn.numel() - 1)
-    ref = loop_fisher(model, nn.NLLLoss(), x, drawn)
+    ref = fisher_by_loop(model, nn.NLLLoss(), x, drawn)
     for k in ref:
         assert close(res[k], ref[k]), k
     model.end = None
@@ -445,7 +427,7 @@ def test_fisher_through_torch_func_too(name, reduction, monkeypatch):
     x, t = _inputs(), _targets(kind)
     loss_fn = make(reduction)
     res = hessian_diag(model, loss_fn, (x, t), method="fisher", progress=False)
-    ref = loop_fisher(model, loss_fn, x, t)
+    ref = fisher_by_loop(model, loss_fn, x, t)
     for k in ref:
         assert close(res[k], ref[k]), k
 
@@ -454,7 +436,7 @@ def test_functional_losses_for_fisher():
     model = Head().double()
     x, t = _inputs(), _targets("real")
     res = hessian_diag(model, F.huber_loss, (x, t), method="fisher", progress=False)
-    ref = loop_fisher(model, nn.HuberLoss(), x, t)
+    ref = fisher_by_loop(model, nn.HuberLoss(), x, t)
     assert all(close(res[k], ref[k]) for k in ref)
 
 

@@ -6,6 +6,7 @@ needs a CUDA kernel fails (never skips) when the build lacks it.
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import List, Sequence, Tuple
 
@@ -99,3 +100,21 @@ def brute_rule_diagonal(fn, x, g_out, h_out):
     gn = (jac ** 2 * h_out.reshape(-1)[:, None]).sum(0)
     hes = torch.autograd.functional.hessian(lambda v: (f(v) * g_out.reshape(-1)).sum(), xf)
     return (gn + torch.diagonal(hes)).reshape(x.shape), gn.reshape(x.shape)
+
+
+def fisher_by_loop(model, loss_fn, x, t):
+    """c * sum_n (d l_n / d theta)^2 with c read off the loss itself: c = loss / sum_n l_n
+    (l_n: sample n's loss under reduction "sum"), so no normalisation rule is restated."""
+    summed = copy.copy(loss_fn)
+    summed.reduction = "sum"
+    params = {k: p for k, p in model.named_parameters() if p.requires_grad}
+    acc = {k: torch.zeros_like(p) for k, p in params.items()}
+    total = 0.0
+    for b in range(x.shape[0]):
+        loss = summed(model(x[b:b + 1]), t[b:b + 1])
+        total += float(loss.detach())
+        for k, g in zip(params, torch.autograd.grad(loss, list(params.values()))):
+            acc[k] += g * g
+    with torch.no_grad():
+        c = float(loss_fn(model(x), t)) / total
+    return {k: v * c for k, v in acc.items()}
