@@ -7,14 +7,16 @@ A :class:`Pruner` owns one bool keep-mask per pruned parameter and makes
   zero in place (a post-accumulate-grad hook: one pass, no allocation), so
   nothing flows into momentum or Adam moments;
 - ``prune()`` zeroes every per-parameter state tensor of the attached
-  optimizers at new deletions;
+  optimizers at new deletions, except the second moments that only divide a
+  zero update, which on the CPU are held at a tiny positive value (see
+  :mod:`obd_ext.frozen_state`: torch's CPU square root is slow on zeros);
 - for the optimizers in :data:`ZERO_PRESERVING` nothing more is needed: with a
-  zero gradient, zero state and a zero weight, their update of that entry is
-  exactly zero (weight decay included), so a step costs nothing extra. Any
-  other optimizer (LBFGS, Muon, a user's own) gets the deleted weights and
-  its state re-zeroed after every step, and LBFGS's history is cleared when
-  the masks change (its flat history from before would revive them inside
-  the step).
+  zero gradient, zero update-carrying state and a zero weight, their update of
+  that entry is exactly zero (weight decay included), so a step costs nothing
+  extra. Any other optimizer (LBFGS, Muon, a user's own) gets the deleted
+  weights and its state re-zeroed after every step, and LBFGS's history is
+  cleared when the masks change (its flat history from before would revive
+  them inside the step).
 
 ``prune()`` selects with any method and scope of the one vocabulary
 (:mod:`obd_ext.vocabulary`); the paper's variants are ``factor`` (shrink
@@ -41,27 +43,14 @@ import torch.nn as nn
 from torch import Tensor
 from torch.nn.utils import prune as torch_prune
 
+from . import frozen_state
+from .frozen_state import ZERO_PRESERVING
 from .selection import Selection, prune_, select_scores
 from .selection_checks import check_sparsity
 from .sparse_export import FORMATS, Finalized, finalize_modules
 from .vocabulary import CURVATURE_METHODS, PRUNER_METHODS, SCOPES, check_method, check_pattern_sparsity, check_scope
 
 __all__ = ["Pruner", "default_prunable", "ZERO_PRESERVING", "OBDUnstructured"]
-
-# Optimizers whose step leaves an entry at exactly zero when its gradient, its
-# state and its weight are zero: every update term is a product with the
-# gradient or a state that only grows from it, and weight decay multiplies the
-# weight (SGD: buf = mu buf + g + wd w; Adam/AdamW/Adamax/NAdam/RAdam: m and v
-# from g, update m / (sqrt(v) + eps), decoupled decay w (1 - lr wd); Adagrad,
-# Adadelta, RMSprop: g over an accumulator; Rprop: sign(g) step; ASGD: w
-# (1 - lambda eta) - eta g, ax moves toward w; Adafactor: g over a factored
-# second moment). tests/test_pruning.py checks each one by property. LBFGS
-# (flat history of steps) and Muon (orthogonalises the whole update) mix
-# entries, so they are not in this list.
-ZERO_PRESERVING = tuple(getattr(torch.optim, n) for n in (
-    "SGD", "Adam", "AdamW", "Adamax", "NAdam", "RAdam", "Adagrad", "Adadelta", "RMSprop", "Rprop", "ASGD",
-    "Adafactor") if hasattr(torch.optim, n))
-
 
 # The integer type whose bits a gradient entry of each width is viewed as.
 _INT_OF_WIDTH = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
@@ -336,7 +325,11 @@ class Pruner:
 
     @torch.no_grad()
     def apply_masks(self, factor: Optional[float] = 0.0) -> None:
-        """Zero (or scale, or leave with ``factor=None``) the deleted weights, and zero the optimizers' state there."""
+        """Zero (or scale, or leave with ``factor=None``) the deleted weights, and freeze the optimizers' state there.
+
+        The state is zeroed, except second moments held positive on the CPU
+        (:mod:`obd_ext.frozen_state`).
+        """
         for name, p in self.params.items():
             deleted = self._deleted[name]
             if factor is not None:
@@ -344,21 +337,63 @@ class Pruner:
                     p.masked_fill_(deleted, 0.0)
                 else:
                     p.copy_(torch.where(deleted, p * factor, p))
-            for opt in self._optimizers:
-                for value in opt.state.get(p, {}).values():
-                    if isinstance(value, Tensor) and value.shape == p.shape:
-                        value.masked_fill_(deleted, 0)
+        for opt in self._optimizers:
+            self._freeze_state(opt)
         if factor == 0.0:
             self._weights_dirty = False
+
+    @torch.no_grad()
+    def _freeze_state(self, opt: torch.optim.Optimizer, keys: Optional[Sequence[str]] = None,
+                      hold: bool = True) -> None:
+        """Set ``opt``'s per-entry state at deletions: held second moments to their value, the rest to zero.
+
+        ``keys`` limits it to those state keys; ``hold=False`` zeroes the held ones too.
+        """
+        held = frozen_state.held_keys(opt) if hold else ()
+        groups = frozen_state.groups_of(opt) if held else {}
+        for name, p in self.params.items():
+            state = opt.state.get(p)
+            if not state:
+                continue
+            holding = bool(held) and id(p) in groups and frozen_state.holds(opt, groups[id(p)], p) is not None
+            for key, value in state.items():
+                if key == "step" or (keys is not None and key not in keys):
+                    continue
+                if isinstance(value, Tensor) and value.shape == p.shape:
+                    fill = frozen_state.held_value(value.dtype) if holding and key in held else 0
+                    value.masked_fill_(self._deleted[name], fill)
+
+    @torch.no_grad()
+    def _rearm(self, opt: torch.optim.Optimizer) -> None:
+        # A held second moment decays by beta2 every step; it is set again
+        # every rearm_period steps, counted by the optimizer's own "step" from
+        # the step that built the state (so a resumed run re-arms at the same
+        # steps). Period 0: it never decays, and is set when the masks change.
+        held = frozen_state.held_keys(opt)
+        if not held:
+            return
+        groups = frozen_state.groups_of(opt)
+        for name, p in self.params.items():
+            state = opt.state.get(p)
+            if not state or id(p) not in groups or state.get("step") is None:
+                continue
+            period = frozen_state.holds(opt, groups[id(p)], p)
+            if period and (int(state["step"]) - 1) % period == 0:
+                for key in held:
+                    value = state.get(key)
+                    if isinstance(value, Tensor) and value.shape == p.shape:
+                        value.masked_fill_(self._deleted[name], frozen_state.held_value(value.dtype))
 
     def _after_step(self, opt: torch.optim.Optimizer) -> None:
         # Zero-preserving optimizers cannot move a deleted entry while its
         # weight is zero; others, and weights left non-zero by factor, are re-zeroed.
         if self._weights_dirty or not isinstance(opt, ZERO_PRESERVING):
             self.apply_masks(0.0)
+        else:
+            self._rearm(opt)
 
     def attach(self, optimizer: torch.optim.Optimizer) -> "Pruner":
-        """Keep deleted weights and ``optimizer``'s state at them zero through its steps."""
+        """Keep deleted weights at zero through ``optimizer``'s steps, its state there frozen (see apply_masks)."""
         if isinstance(optimizer, torch.optim.SparseAdam):
             raise ValueError("attach: SparseAdam takes sparse gradients, which the Pruner cannot mask in place; "
                              "use Adam or AdamW")
@@ -371,7 +406,11 @@ class Pruner:
         return self
 
     def revive(self) -> None:
-        """Let every deleted weight adapt again (the paper's variant): all masks back to True."""
+        """Let every deleted weight adapt again (the paper's variant): all masks back to True.
+
+        The revived entries start from fresh (zero) optimizer state.
+        """
+        self._release_held()
         for m in self.masks.values():
             m.fill_(True)
         self._refresh_deleted()
@@ -382,10 +421,19 @@ class Pruner:
         This is not ``torch.nn.utils.prune.remove`` (which makes pruning
         permanent): that is :meth:`finalize`.
         """
+        self._release_held()
         for h in self._hooks:
             h.remove()
         self._hooks.clear()
         self._optimizers.clear()
+
+    def _release_held(self) -> None:
+        # Held second moments are for entries this Pruner freezes: whatever
+        # trains them next (revived, or no Pruner) finds zero, as fresh state.
+        for opt in self._optimizers:
+            held = frozen_state.held_keys(opt)
+            if held:
+                self._freeze_state(opt, keys=held, hold=False)
 
     def finalize(self, format: str = "dense") -> Finalized:
         """Make pruning permanent (torch's ``prune.remove``): zeros in place, no hooks, optionally sparse storage.
