@@ -343,19 +343,21 @@ class Pruner:
             self._weights_dirty = False
 
     @torch.no_grad()
-    def _freeze_state(self, opt: torch.optim.Optimizer, keys: Optional[Sequence[str]] = None,
-                      hold: bool = True) -> None:
+    def _freeze_state(self, opt: torch.optim.Optimizer, names: Optional[Sequence[str]] = None,
+                      keys: Optional[Sequence[str]] = None, hold: bool = True) -> None:
         """Set ``opt``'s per-entry state at deletions: held second moments to their value, the rest to zero.
 
-        ``keys`` limits it to those state keys; ``hold=False`` zeroes the held ones too.
+        ``names`` and ``keys`` limit it to those parameters and state keys;
+        ``hold=False`` zeroes the held ones too.
         """
         held = frozen_state.held_keys(opt) if hold else ()
         groups = frozen_state.groups_of(opt) if held else {}
-        for name, p in self.params.items():
+        for name in self.names if names is None else names:
+            p = self.params[name]
             state = opt.state.get(p)
             if not state:
                 continue
-            holding = bool(held) and id(p) in groups and frozen_state.holds(opt, groups[id(p)], p) is not None
+            holding = id(p) in groups and frozen_state.holds(opt, groups[id(p)], p) is not None
             for key, value in state.items():
                 if key == "step" or (keys is not None and key not in keys):
                     continue
@@ -363,7 +365,6 @@ class Pruner:
                     fill = frozen_state.held_value(value.dtype) if holding and key in held else 0
                     value.masked_fill_(self._deleted[name], fill)
 
-    @torch.no_grad()
     def _rearm(self, opt: torch.optim.Optimizer) -> None:
         # A held second moment decays by beta2 every step; it is set again
         # every rearm_period steps, counted by the optimizer's own "step" from
@@ -373,16 +374,14 @@ class Pruner:
         if not held:
             return
         groups = frozen_state.groups_of(opt)
+        due = []
         for name, p in self.params.items():
-            state = opt.state.get(p)
-            if not state or id(p) not in groups or state.get("step") is None:
-                continue
-            period = frozen_state.holds(opt, groups[id(p)], p)
-            if period and (int(state["step"]) - 1) % period == 0:
-                for key in held:
-                    value = state.get(key)
-                    if isinstance(value, Tensor) and value.shape == p.shape:
-                        value.masked_fill_(self._deleted[name], frozen_state.held_value(value.dtype))
+            step = opt.state.get(p, {}).get("step")
+            period = frozen_state.holds(opt, groups[id(p)], p) if step is not None and id(p) in groups else None
+            if period and (int(step) - 1) % period == 0:
+                due.append(name)
+        if due:
+            self._freeze_state(opt, names=due, keys=held)
 
     def _after_step(self, opt: torch.optim.Optimizer) -> None:
         # Zero-preserving optimizers cannot move a deleted entry while its
