@@ -35,7 +35,8 @@ from typing import Callable, Dict, Optional, Tuple
 import torch
 from torch import Tensor
 
-__all__ = ["ZERO_PRESERVING", "held_keys", "held_value", "rearm_period", "holds", "groups_of"]
+__all__ = ["ZERO_PRESERVING", "preserves_zero", "fresh_value", "held_keys", "held_value", "rearm_period", "holds",
+           "groups_of"]
 
 # Optimizers whose step leaves an entry at exactly zero when its gradient, its
 # update-carrying state and its weight are zero: every update term is a
@@ -51,6 +52,42 @@ __all__ = ["ZERO_PRESERVING", "held_keys", "held_value", "rearm_period", "holds"
 ZERO_PRESERVING = tuple(getattr(torch.optim, n) for n in (
     "SGD", "Adam", "AdamW", "Adamax", "NAdam", "RAdam", "Adagrad", "Adadelta", "RMSprop", "Rprop", "ASGD",
     "Adafactor") if hasattr(torch.optim, n))
+
+
+def preserves_zero(opt: torch.optim.Optimizer) -> bool:
+    """Whether ``opt``'s step provably leaves a deleted entry at zero (see ZERO_PRESERVING).
+
+    Their updates divide a zero by a denominator that ``eps`` keeps positive;
+    an ``eps`` of 0, or one that rounds to 0 in the parameter's dtype (1e-8 in
+    float16), makes it 0 / 0 = NaN, so such an optimizer is treated like any
+    other: the Pruner re-zeroes after its steps.
+    """
+    if not isinstance(opt, ZERO_PRESERVING):
+        return False
+    for group in opt.param_groups:
+        eps = group.get("eps")
+        values = [e for e in (eps if isinstance(eps, (tuple, list)) else (eps,)) if e is not None]
+        for dtype in {p.dtype for p in group["params"]} if values else ():
+            if not all(torch.tensor(float(e), dtype=dtype).item() > 0 for e in values):
+                return False
+    return True
+
+
+# What a fresh parameter's state holds, where it is not zero: an entry the
+# Pruner stops freezing (revive, remove_hooks) is reset to it.
+_FRESH: Tuple[Tuple[type, str, Callable[[dict], float]], ...] = (
+    (torch.optim.Rprop, "step_size", lambda group: group["lr"]),
+    (torch.optim.Adagrad, "sum", lambda group: group["initial_accumulator_value"]),
+)
+
+
+def fresh_value(opt: torch.optim.Optimizer, group: dict, key: str) -> float:
+    """The value ``opt`` gives state ``key`` of a new parameter of ``group`` (0 unless listed in _FRESH)."""
+    for cls, k, value in _FRESH:
+        if isinstance(opt, cls) and key == k:
+            return float(value(group))
+    return 0.0
+
 
 # Per optimizer class: the state keys whose square root divides the update,
 # and the factor that state decays by per step when its gradient is zero (1:

@@ -45,8 +45,9 @@ from torch.nn.utils import prune as torch_prune
 
 from . import frozen_state
 from .frozen_state import ZERO_PRESERVING
+from .layer_kinds import prunable_weight_attrs
 from .selection import Selection, prune_, select_scores
-from .selection_checks import check_sparsity
+from .selection_checks import check_factor, check_sparsity
 from .sparse_export import FORMATS, Finalized, finalize_modules
 from .vocabulary import CURVATURE_METHODS, PRUNER_METHODS, SCOPES, check_method, check_pattern_sparsity, check_scope
 
@@ -57,16 +58,32 @@ _INT_OF_WIDTH = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
 def default_prunable(model: nn.Module) -> List[str]:
-    """Weights of Linear, convolution and Embedding layers (biases and norms excluded).
+    """The weights of the model's prunable layers (:mod:`obd_ext.layer_kinds`), by name.
 
-    Every layer is listed under its own name, so a weight shared by two
-    layers (an embedding tied to the output head) appears under both; the
-    Pruner prunes it once.
+    Linear, Bilinear, convolution, Embedding, transformers' Conv1D, the input
+    projections of MultiheadAttention and the weight matrices of RNN/LSTM/GRU
+    layers; biases and norms are excluded. Every layer is listed under its own
+    name, so a weight shared by two layers (an embedding tied to the output
+    head) appears under both; the Pruner prunes it once.
     """
-    kinds = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
-             nn.ConvTranspose3d, nn.Embedding)
-    return [f"{name}.weight" if name else "weight" for name, m in model.named_modules()
-            if isinstance(m, kinds) and isinstance(getattr(m, "weight", None), Tensor)]
+    return [f"{name}.{attr}" if name else attr for name, m in model.named_modules()
+            for attr in prunable_weight_attrs(m)]
+
+
+def warn_uncovered(model: nn.Module, names: Sequence[str], stacklevel: int = 3) -> None:
+    """Warn when weight matrices outside ``names`` are at least 5% of the model's (a default list missed them)."""
+    # A matrix held as a raw nn.Parameter by a custom module is not in the
+    # default list: say so when such weights are a sizeable part of the model,
+    # rather than prune the rest and report the sparsity of what was listed.
+    listed = {id(p) for n, p in model.named_parameters(remove_duplicate=False) if n in set(names)}
+    matrices = {id(p): (n, p.numel()) for n, p in model.named_parameters() if p.dim() >= 2}
+    left = [(n, k) for i, (n, k) in matrices.items() if i not in listed]
+    total = sum(k for _, k in matrices.values())
+    if left and sum(k for _, k in left) >= 0.05 * total:
+        share = sum(k for _, k in left) / total
+        warnings.warn(f"Pruner: {len(left)} weight matrices ({share:.1%} of the model's matrix entries, e.g. "
+                      f"{[n for n, _ in left[:3]]}) are not in a layer the default list knows, so they are not "
+                      "pruned; pass params=obd_ext.default_prunable(model) + [...] to include them", stacklevel=stacklevel)
 
 
 def _torch_pruned(model: nn.Module, name: str) -> Optional[nn.Module]:
@@ -123,6 +140,8 @@ class Pruner:
             adopted[n] = getattr(owner, attr + "_mask").detach().bool().clone()
             torch_prune.remove(owner, attr)
         named = dict(model.named_parameters(remove_duplicate=False))
+        if params is None:
+            warn_uncovered(model, names)
         self.model = model
         self.names: List[str] = []
         self.aliases: Dict[str, str] = {}  # every accepted name -> the name its mask is kept under
@@ -157,6 +176,7 @@ class Pruner:
         self._deleted: Dict[str, Tensor] = {}  # ~mask, kept so apply_masks allocates nothing
         self._bitmasks: Dict[tuple, tuple] = {}  # the gradient hook's integer masks, see _bitmask
         self._hooks: list = []
+        self._grad_hooked: set = set()  # names whose gradient hook is installed
         self._optimizers: list = []
         self._weights_dirty = False  # deleted weights may be non-zero (after a factor prune or a mask load)
         self._refresh_deleted()
@@ -181,9 +201,18 @@ class Pruner:
             raise TypeError(f"curvature must map parameter names to tensors (a dict or obd_ext.Curvature), "
                             f"got {type(curvature).__name__}")
         by_canonical: Dict[str, Tensor] = {}
+        given_as: Dict[str, str] = {}
         for k in curvature.keys():
-            if k in self.aliases:
-                by_canonical.setdefault(self.aliases[k], curvature[k])
+            if k not in self.aliases:
+                continue
+            canonical, h = self.aliases[k], curvature[k]
+            if canonical not in by_canonical:
+                by_canonical[canonical], given_as[canonical] = h, k
+            elif h is not by_canonical[canonical] and not (
+                    isinstance(h, Tensor) and isinstance(by_canonical[canonical], Tensor)
+                    and h.shape == by_canonical[canonical].shape and torch.equal(h, by_canonical[canonical])):
+                raise ValueError(f"curvature[{given_as[canonical]!r}] and curvature[{k!r}] differ, but both name one "
+                                 "(tied) parameter, pruned once with one curvature: give it under one name")
         missing = [k for k in self.names if k not in by_canonical]
         if missing:
             raise ValueError(f"curvature has no entry for {missing}")
@@ -228,6 +257,8 @@ class Pruner:
             The :class:`~obd_ext.Selection` (counts and the predicted loss increase).
         """
         check_method(method, PRUNER_METHODS, "Pruner.prune")
+        check_factor(factor)
+        self._check_current("prune")
         resolved_scope = check_scope(scope, SCOPES)
         sparsity = check_pattern_sparsity(pattern, sparsity)
         if sparsity is None:
@@ -255,6 +286,19 @@ class Pruner:
                          names=self.names)
         self._after_masks_changed(factor, weights_written=True)
         return sel
+
+    def _check_current(self, where: str) -> None:
+        """The model must still hold the parameters this Pruner masks (not replaced after it was built)."""
+        for name, p in self.params.items():
+            try:
+                now = self.model.get_parameter(name)
+            except AttributeError:
+                now = None
+            if now is not p:
+                raise RuntimeError(f"{where}: the model's parameter {name!r} is no longer the one this Pruner masks "
+                                   "(replaced after the Pruner was built, e.g. by load_state_dict(assign=True) or by "
+                                   "setting the attribute): build a new Pruner on the model as it is now "
+                                   "(adopt_zeros=True keeps its deletions)")
 
     @property
     def _total(self) -> int:
@@ -302,10 +346,17 @@ class Pruner:
         g.view(_INT_OF_WIDTH[g.element_size()]).bitwise_and_(self._bitmask(name, g))
 
     def _install_grad_hooks(self) -> None:
+        # A parameter frozen (requires_grad=False) when the Pruner is built
+        # cannot take a hook; it gets one, and its gradient so far is masked,
+        # before the next step of an attached optimizer once it is unfrozen.
+        if len(self._grad_hooked) == len(self.params):
+            return
         for name, p in self.params.items():
-            if p.requires_grad:
+            if p.requires_grad and name not in self._grad_hooked:
                 self._hooks.append(p.register_post_accumulate_grad_hook(
                     lambda param, name=name: self._mask_grad(name, param)))
+                self._grad_hooked.add(name)
+                self._mask_grad(name, p)
 
     def _after_masks_changed(self, factor: Optional[float], weights_written: bool) -> None:
         """After a selection: apply ``factor`` unless the kernels did, zero the optimizers' state at deletions."""
@@ -386,7 +437,7 @@ class Pruner:
     def _after_step(self, opt: torch.optim.Optimizer) -> None:
         # Zero-preserving optimizers cannot move a deleted entry while its
         # weight is zero; others, and weights left non-zero by factor, are re-zeroed.
-        if self._weights_dirty or not isinstance(opt, ZERO_PRESERVING):
+        if self._weights_dirty or not frozen_state.preserves_zero(opt):
             self.apply_masks(0.0)
         else:
             self._rearm(opt)
@@ -398,7 +449,14 @@ class Pruner:
                              "use Adam or AdamW")
         if optimizer in self._optimizers:
             return self
+        self._check_current("attach")
+        held = {id(p) for g in optimizer.param_groups for p in g["params"]}
+        if not any(id(p) in held for p in self.params.values()):
+            raise ValueError(f"attach: the optimizer holds none of the {len(self.params)} pruned parameters (e.g. "
+                             f"{self.names[0]!r}), so nothing it does could be frozen: attach the optimizer that "
+                             "trains this model's parameters")
         self._optimizers.append(optimizer)
+        self._hooks.append(optimizer.register_step_pre_hook(lambda opt, args, kwargs: self._install_grad_hooks()))
         self._hooks.append(optimizer.register_step_post_hook(lambda opt, args, kwargs: self._after_step(opt)))
         self.apply_masks(None)  # state built before attaching must not revive anything
         self._restart_lbfgs(optimizer)
@@ -407,9 +465,10 @@ class Pruner:
     def revive(self) -> None:
         """Let every deleted weight adapt again (the paper's variant): all masks back to True.
 
-        The revived entries start from fresh (zero) optimizer state.
+        The revived entries start from fresh optimizer state (what the
+        optimizer builds for a new parameter: zero, or its initial value).
         """
-        self._release_held()
+        self._release_state()
         for m in self.masks.values():
             m.fill_(True)
         self._refresh_deleted()
@@ -420,19 +479,28 @@ class Pruner:
         This is not ``torch.nn.utils.prune.remove`` (which makes pruning
         permanent): that is :meth:`finalize`.
         """
-        self._release_held()
+        self._release_state()
         for h in self._hooks:
             h.remove()
         self._hooks.clear()
+        self._grad_hooked.clear()
         self._optimizers.clear()
 
-    def _release_held(self) -> None:
-        # Held second moments are for entries this Pruner freezes: whatever
-        # trains them next (revived, or no Pruner) finds zero, as fresh state.
+    @torch.no_grad()
+    def _release_state(self) -> None:
+        # Frozen state (zeros, held second moments) is for entries this Pruner
+        # freezes: whatever trains them next (revived, or no Pruner) finds the
+        # state a fresh parameter would have (Rprop's step size is its lr,
+        # Adagrad's sum its initial value; zero otherwise).
         for opt in self._optimizers:
-            held = frozen_state.held_keys(opt)
-            if held:
-                self._freeze_state(opt, keys=held, hold=False)
+            groups = frozen_state.groups_of(opt)
+            for name, p in self.params.items():
+                state = opt.state.get(p)
+                if not state or id(p) not in groups:
+                    continue
+                for key, value in state.items():
+                    if key != "step" and isinstance(value, Tensor) and value.shape == p.shape:
+                        value.masked_fill_(self._deleted[name], frozen_state.fresh_value(opt, groups[id(p)], key))
 
     def finalize(self, format: str = "dense") -> Finalized:
         """Make pruning permanent (torch's ``prune.remove``): zeros in place, no hooks, optionally sparse storage.
@@ -494,10 +562,11 @@ class Pruner:
         extra = sorted(set(state) - set(self.masks))
         if extra:
             raise KeyError(f"load_state_dict: masks for parameters this Pruner does not prune: {extra}")
+        self._check_current("load_state_dict")
+        self._release_state()  # entries the loaded masks revive start fresh; deleted ones are frozen again below
         for k, m in self.masks.items():
             m.copy_(state[k])
-        self._refresh_deleted()
-        self.apply_masks()
+        self._after_masks_changed(0.0, weights_written=False)
 
 
 # ---------------------------------------------------------------------------

@@ -48,7 +48,7 @@ from .checkpoints import (
     write_checkpoint,
 )
 from .curvature import as_batches, hessian_diag
-from .pruning import Pruner, default_prunable
+from .pruning import Pruner, default_prunable, warn_uncovered
 from .vocabulary import METHODS, PRUNER_METHODS, SCOPES, check_method, check_pattern_sparsity, check_scope
 
 __all__ = ["one_shot", "fixed", "cubic", "OBDScheduler", "RESUME_MODES", "BUDGET_ON"]
@@ -159,6 +159,8 @@ def _check_data(data: Any) -> None:
 
 def _check_params(model: nn.Module, params: Any, method: str) -> List[str]:
     names = default_prunable(model) if params is None else params
+    if params is None:
+        warn_uncovered(model, names, stacklevel=4)
     if isinstance(names, str) or not isinstance(names, Sequence):
         raise TypeError(f"params must be a list of parameter names, got {params!r}")
     names = list(names)

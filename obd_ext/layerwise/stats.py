@@ -29,13 +29,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import ops
+from ..layer_kinds import is_hf_conv1d
 
 __all__ = ["CalibrationStats", "GramStats", "is_hf_conv1d", "prunable_layers", "weight_rows", "weight_rows_of"]
-
-
-def is_hf_conv1d(module: nn.Module) -> bool:
-    """transformers' ``Conv1D`` (GPT-2): a linear layer storing its weight as ``[in, out]``."""
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and module.weight.dim() == 2
 
 
 def _kinds(module: nn.Module) -> bool:

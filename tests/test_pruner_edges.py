@@ -1,0 +1,197 @@
+"""Pruner cases an outside audit found wrong without an error (stop 14): each now right or a clear error."""
+
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+
+import obd_ext
+from obd_ext import frozen_state
+from obd_ext.pruning import Pruner, default_prunable
+
+
+def _net(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 2))
+
+
+def _steps(model, opt, n=3, seed=1, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(n):
+        x = torch.randn(16, 8, generator=g).to(dtype)
+        opt.zero_grad()
+        model(x).float().square().mean().backward()
+        opt.step()
+
+
+def _assert_frozen(pruner):
+    for name, m in pruner.masks.items():
+        w = pruner.params[name]
+        assert not w[~m].isnan().any(), name
+        assert not w[~m].any(), name
+
+
+# --------------------------------------------------------------------------- default list
+
+
+def test_default_list_covers_gpt2_conv1d_attention_and_rnn_weights():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=2, n_head=2, n_embd=32, vocab_size=64, n_positions=32))
+    names = default_prunable(gpt2)
+    for block in range(2):
+        for layer in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"):
+            assert f"transformer.h.{block}.{layer}.weight" in names
+    pruner = Pruner(gpt2)
+    pruner.prune(0.5, method="magnitude")
+    assert pruner.counts()["transformer.h.0.mlp.c_fc.weight"] > 0  # the blocks are pruned, not only embeddings
+
+    enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 2, 32), 1, enable_nested_tensor=False)
+    assert "layers.0.self_attn.in_proj_weight" in default_prunable(enc)
+    mha = nn.MultiheadAttention(16, 2, kdim=8, vdim=8)  # separate q/k/v projections
+    assert default_prunable(mha) == ["q_proj_weight", "k_proj_weight", "v_proj_weight", "out_proj.weight"]
+    assert default_prunable(nn.LSTM(4, 8, 2)) == ["weight_ih_l0", "weight_hh_l0", "weight_ih_l1", "weight_hh_l1"]
+    assert default_prunable(nn.Bilinear(3, 4, 5)) == ["weight"]
+
+
+def test_weights_outside_the_default_list_are_named_in_a_warning():
+    class Custom(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.W = nn.Parameter(torch.randn(16, 16))
+            self.lin = nn.Linear(16, 16)
+
+    with pytest.warns(UserWarning, match=r"\['W'\]\) are not in a layer the default list knows"):
+        Pruner(Custom())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        Pruner(Custom(), params=["W", "lin.weight"])  # listed: no warning
+        Pruner(_net())
+
+
+# --------------------------------------------------------------------------- freezing
+
+
+def test_a_weight_unfrozen_after_the_pruner_is_built_stays_pruned():
+    net = _net()
+    net[0].weight.requires_grad_(False)
+    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+    pruner = Pruner(net).attach(opt)
+    pruner.prune(0.5, method="magnitude")
+    net[0].weight.requires_grad_(True)
+    _steps(net, opt)
+    _assert_frozen(pruner)
+    assert (net[0].weight[pruner.masks["0.weight"]] != 0).any()  # and it does train
+
+
+@pytest.mark.parametrize("make, dtype", [
+    (lambda p: torch.optim.Adamax(p, lr=1e-2), torch.float16),  # eps 1e-8 is 0 in float16
+    (lambda p: torch.optim.Adamax(p, lr=1e-2, eps=0.0), torch.float32),
+    (lambda p: torch.optim.Adam(p, lr=1e-2, betas=(0.9, 0.1), eps=0.0), torch.float32),  # too fast to hold
+    (lambda p: torch.optim.RMSprop(p, lr=1e-2, alpha=0.1, eps=0.0), torch.float32),
+    (lambda p: torch.optim.Adagrad(p, lr=1e-2, eps=0.0), torch.float64),
+])
+def test_an_eps_of_zero_gives_no_nan_at_deletions(make, dtype):
+    net = _net().to(dtype)
+    opt = make(list(net.parameters()))
+    assert not frozen_state.preserves_zero(opt)
+    pruner = Pruner(net).attach(opt)
+    pruner.prune(0.5, method="magnitude")
+    _steps(net, opt, dtype=dtype)
+    _assert_frozen(pruner)
+
+
+def test_random_method_checks_factor_before_writing():
+    pruner = Pruner(nn.Linear(8, 4), params=["weight"])
+    before = pruner.params["weight"].detach().clone()
+    for bad in (float("nan"), float("inf"), "a"):
+        with pytest.raises(ValueError, match="factor"):
+            pruner.prune(0.5, method="random", factor=bad)
+        assert torch.equal(pruner.params["weight"], before) and pruner.masks["weight"].all()
+
+
+def test_load_state_dict_restarts_lbfgs_and_revives_with_fresh_state():
+    net = _net()
+    x = torch.randn(32, 8)
+
+    def closure():
+        opt.zero_grad()
+        loss = net(x).square().mean()
+        loss.backward()
+        for name, m in pruner.masks.items():  # every evaluation, inside the line search too
+            assert not net.get_parameter(name)[~m].any(), name
+        return loss
+
+    opt = torch.optim.LBFGS(net.parameters(), lr=0.5, max_iter=5)
+    pruner = Pruner(net).attach(opt)
+    opt.step(closure)  # history from before the masks
+    state = pruner.state_dict()
+    state["0.weight"] = torch.rand(8, 8, generator=torch.Generator().manual_seed(0)) > 0.5
+    pruner.load_state_dict(state)
+    assert not opt.state  # history cleared
+    for _ in range(3):
+        opt.step(closure)
+
+    net2 = _net()
+    adam = torch.optim.Adam(net2.parameters(), lr=1e-2)
+    p2 = Pruner(net2).attach(adam)
+    p2.prune(0.5, method="magnitude")
+    _steps(net2, adam)
+    state = {k: torch.ones_like(m) for k, m in p2.masks.items()}
+    deleted = {k: ~m.clone() for k, m in p2.masks.items()}
+    p2.load_state_dict(state)  # revives everything
+    for k, d in deleted.items():
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert not adam.state[net2.get_parameter(k)][key][d].any(), (k, key)
+
+
+def test_tied_names_with_different_curvatures_are_refused():
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(10, 4)
+            self.head = nn.Linear(4, 10, bias=False)
+            self.head.weight = self.emb.weight
+
+    pruner = Pruner(Tied())
+    h = torch.rand(10, 4)
+    with pytest.raises(ValueError, match=r"curvature\['emb.weight'\] and curvature\['head.weight'\] differ"):
+        pruner.prune(0.5, method="obd", curvature={"emb.weight": h, "head.weight": h + 1})
+    assert pruner.masks["emb.weight"].all()
+    pruner.prune(0.5, method="obd", curvature={"emb.weight": h, "head.weight": h.clone()})  # equal: fine
+    assert pruner.sparsity == 0.5
+
+
+def test_revived_entries_get_the_state_a_fresh_parameter_has():
+    for make, key, fresh in ((lambda p: torch.optim.Rprop(p, lr=1e-2, step_sizes=(0.0, 50.0)), "step_size", 1e-2),
+                             (lambda p: torch.optim.Adagrad(p, lr=1e-2, initial_accumulator_value=1.0), "sum", 1.0)):
+        net = _net()
+        opt = make(list(net.parameters()))
+        pruner = Pruner(net).attach(opt)
+        _steps(net, opt, 1)
+        pruner.prune(0.5, method="magnitude")
+        _steps(net, opt, 2)
+        deleted = {k: ~m.clone() for k, m in pruner.masks.items()}
+        pruner.revive()
+        for k, d in deleted.items():
+            v = opt.state[net.get_parameter(k)][key][d]
+            assert torch.allclose(v, torch.full_like(v, fresh)), (key, k)
+        _steps(net, opt, 3)
+        for k, d in deleted.items():  # and the revived weights train
+            assert net.get_parameter(k)[d].any(), k
+
+
+def test_optimizer_or_parameters_that_are_not_the_models_are_refused():
+    net = _net()
+    pruner = Pruner(net)
+    other = torch.optim.Adam(_net().parameters(), lr=1e-2)
+    with pytest.raises(ValueError, match="holds none of the 2 pruned parameters"):
+        pruner.attach(other)
+    assert not pruner._optimizers
+    net.load_state_dict({k: v.clone() for k, v in net.state_dict().items()}, assign=True)
+    with pytest.raises(RuntimeError, match="'0.weight' is no longer the one this Pruner masks"):
+        pruner.prune(0.5, method="magnitude")
+    with pytest.raises(RuntimeError, match="no longer the one"):
+        pruner.attach(torch.optim.Adam(net.parameters(), lr=1e-2))
+    assert obd_ext.Pruner(net, adopt_zeros=True).sparsity == 0.0
