@@ -49,7 +49,9 @@ from .checkpoints import (
 )
 from .curvature import as_batches, hessian_diag
 from .pruning import Pruner, default_prunable, warn_uncovered
-from .vocabulary import METHODS, PRUNER_METHODS, SCOPES, check_method, check_pattern_sparsity, check_scope
+from .selection import check_nm_shapes
+from .vocabulary import (METHODS, PRUNER_METHODS, SCOPES, check_method, check_pattern_sparsity, check_scope,
+                         parse_pattern)
 
 __all__ = ["one_shot", "fixed", "cubic", "OBDScheduler", "RESUME_MODES", "BUDGET_ON"]
 
@@ -358,6 +360,10 @@ class OBDScheduler:
             raise TypeError(f"progress must be a bool, got {progress!r}")
         _check_data(data)
         names = _check_params(model, params, method)
+        nm = parse_pattern(pattern)
+        if nm is not None:  # a layer the pattern cannot split fails here, not after a round's curvature pass
+            named = dict(model.named_parameters(remove_duplicate=False))
+            check_nm_shapes("OBDScheduler", pattern, nm, ((f"parameter {n!r}", named[n]) for n in names if n in named))
 
         self.model, self.loss_fn, self.data, self.train_fn = model, loss_fn, data, train_fn
         self.schedule = schedule

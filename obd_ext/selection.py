@@ -31,8 +31,11 @@ the new values.
 from __future__ import annotations
 
 import math
+import os
+import sys
+import warnings
 from dataclasses import dataclass, field
-from typing import List, Optional, Sequence
+from typing import Iterable, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -60,6 +63,8 @@ __all__ = [
 
 # The N:M kernels keep at most this many entries per group in registers.
 _MAX_M = 1024
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep  # obd_ext/, for warnings' stack levels
 
 
 @dataclass(repr=False)
@@ -144,7 +149,33 @@ def _run_global(pool: Pool, k: int, factor: Optional[float], keep: bool, counts_
                 _explain(pool, keep, counts_check)
             raise
         sel._add(stats)
+        warn_overflow(pool.where, sel)
     return sel
+
+
+def warn_overflow(where: str, sel: Selection) -> None:
+    """Warn when the deleted saliencies reach +-inf: entries tied there were deleted in index order.
+
+    Finite inputs whose ``h w^2 / 2`` exceeds the saliency precision's range
+    (float32 for float32/float16/bfloat16 inputs) round to +-inf; the
+    selection stays exact below that, but among the overflowed entries it
+    cannot order by the exact value. Only a selection whose boundary reaches
+    them is affected, which its largest deleted saliency shows at no cost.
+    """
+    parts = sel.per_tensor or [sel]
+    if any(math.isinf(p.max_saliency) for p in parts):
+        warnings.warn(f"{where}: some saliencies h*w^2/2 overflowed to {max(p.max_saliency for p in parts):g} and "
+                      "entries tied there were deleted in index order, not by their exact saliency (and "
+                      "predicted_increase is infinite); pass float64 weights and curvature for the exact order",
+                      stacklevel=_caller_level())
+
+
+def _caller_level() -> int:
+    """warnings.warn's stacklevel of the first frame outside obd_ext (the public entry points nest)."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE_DIR):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def _explain(pool: Pool, keep: bool, counts_check) -> None:
@@ -187,6 +218,7 @@ def _run_each(pool: Pool, ks: Sequence[int], factor: Optional[float], keep: bool
             part._add(stats)
             sel.per_tensor.append(part)
             _merge(sel, part)
+    warn_overflow(pool.where, sel)
     return sel
 
 
@@ -225,15 +257,19 @@ def _check_segments(pool: Pool, bad: Sequence[int], target: Sequence[int], nm: O
                              f"to delete the {target[i]} wanted (its non-finite ones are kept, nonfinite='keep')")
 
 
-def _check_nm_shape(pool: Pool, nm: tuple, pattern: str) -> None:
+def check_nm_shapes(where: str, pattern: str, nm: tuple, labelled: Iterable[Tuple[str, Tensor]]) -> None:
+    """Raise unless M is supported and each (label, weight)'s input dimension is a multiple of M."""
     if nm[1] > _MAX_M:
-        raise ValueError(f"{pool.where}: pattern {pattern!r}: M must be at most {_MAX_M}")
-    for i, w in enumerate(pool.weights):
+        raise ValueError(f"{where}: pattern {pattern!r}: M must be at most {_MAX_M}")
+    for label, w in labelled:
         d = 1 if w.dim() >= 2 else 0
         if w.dim() == 0 or w.shape[d] % nm[1]:
-            raise ValueError(f"{pool.where}: pattern {pattern!r} needs the input dimension (dim {d}) of "
-                             f"{pool.label(pool.weights_arg, i)} to be a multiple of {nm[1]}, got shape "
-                             f"{tuple(w.shape)}")
+            raise ValueError(f"{where}: pattern {pattern!r} needs the input dimension (dim {d}) of {label} to be a "
+                             f"multiple of {nm[1]}, got shape {tuple(w.shape)}")
+
+
+def _check_nm_shape(pool: Pool, nm: tuple, pattern: str) -> None:
+    check_nm_shapes(pool.where, pattern, nm, ((pool.label(pool.weights_arg, i), w) for i, w in enumerate(pool.weights)))
 
 
 def _nm_of(pattern: str, where: str) -> tuple:

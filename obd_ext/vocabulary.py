@@ -20,6 +20,7 @@ of what remains; ``finalize`` is torch's ``prune.remove`` (make it permanent).
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from typing import Dict, Optional, Sequence, Tuple
 
@@ -160,10 +161,10 @@ def parse_pattern(pattern: str) -> Optional[Tuple[int, int]]:
     """``"unstructured"`` -> None; ``"2:4"`` -> (2, 4): keep N of every M consecutive inputs."""
     if pattern == "unstructured":
         return None
-    try:
-        n, m = (int(v) for v in pattern.split(":"))
-    except (ValueError, AttributeError):
-        raise ValueError(f"pattern must be 'unstructured' or 'N:M' such as '2:4' or '4:8', got {pattern!r}") from None
+    match = re.fullmatch(r"([1-9][0-9]*):([1-9][0-9]*)", pattern) if isinstance(pattern, str) else None
+    if match is None:  # written exactly: no spaces, signs or leading zeros
+        raise ValueError(f"pattern must be 'unstructured' or 'N:M' such as '2:4' or '4:8', got {pattern!r}")
+    n, m = int(match.group(1)), int(match.group(2))
     if not 0 < n < m:
         raise ValueError(f"pattern {pattern!r}: need 0 < N < M")
     return n, m

@@ -306,3 +306,18 @@ def test_good_input_works(entry, process_group):
         c.names = None
     sel = entry.call(c, entry)
     assert isinstance(sel, obd_ext.Selection) and len(repr(sel)) < 300
+
+
+def test_loosely_written_patterns_are_refused():
+    w = torch.randn(4, 8)
+    for bad in (" 2:4", "02:04", "2:4 ", "+2:4", "2: 4", 24):
+        with pytest.raises(ValueError, match="pattern must be"):
+            obd_ext.prune_nm_(w.clone(), torch.ones(4, 8), bad)
+
+
+def test_scheduler_refuses_an_nm_pattern_a_layer_cannot_take_at_construction():
+    model = torch.nn.Sequential(torch.nn.Linear(6, 4), torch.nn.Linear(4, 2))
+    data = [(torch.randn(3, 6), torch.randn(3, 2))]
+    with pytest.raises(ValueError, match=r"OBDScheduler: pattern '2:4' needs the input dimension \(dim 1\) of "
+                                         r"parameter '0.weight'"):
+        obd_ext.OBDScheduler(model, torch.nn.MSELoss(), data, lambda r: None, schedule=[0.5], pattern="2:4")

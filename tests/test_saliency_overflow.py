@@ -230,3 +230,27 @@ def test_old_rule_would_fail():
     assert torch.isnan(old[0])  # what the kernels computed before
     s = obd_ext.saliency(w, h)
     assert s.tolist() == [0.0, 0.5]
+
+
+# ---------------------------------------------------------------------------
+# Overflowed saliencies tie at +-inf: a selection whose boundary reaches them says so
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("call", [
+    lambda w, h, k: obd_ext.prune_global_([w], [h], k=k),
+    lambda w, h, k: obd_ext.prune_layers_([w], [h], sparsity=k / w.numel()),
+    lambda w, h, k: obd_ext.prune_rows_(w.reshape(1, -1), h.reshape(1, -1), k=k),
+])
+def test_a_boundary_among_overflowed_saliencies_warns(call):
+    # 1e21 and 1e20 both overflow float32 (h w^2 / 2 > 3.4e38): they tie at +inf.
+    w, h = torch.tensor([1e21, 1e20, 1.0, 2.0]), torch.ones(4)
+    with pytest.warns(UserWarning, match="overflowed to inf .* index order"):
+        call(w.clone(), h, 3)
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        call(w.clone(), h, 2)  # the boundary stays below the overflow: exact, no warning
+        exact = w.double()
+        sel = obd_ext.prune_global_([exact], [h.double()], k=3)  # float64 holds them: the exact order
+        assert sel.masks[0].tolist() == [True, False, False, False]
