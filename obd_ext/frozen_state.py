@@ -22,9 +22,10 @@ instead of zero:
   (``beta2`` per step) can take it down to subnormal.
 
 Everything else at a deleted entry stays exactly zero, and :class:`Pruner`
-zeroes the held entries too whenever it stops freezing them (``revive``,
-``remove_hooks``, ``finalize``). On other devices the square root has no such
-path, and the held entries stay at zero.
+gives the entries it stops freezing (``revive``, ``remove_hooks``,
+``finalize``, masks loaded with fewer deletions) the state a new parameter
+would have (:func:`fresh_value`). On other devices the square root has no
+such path, and the held entries stay at zero.
 """
 
 from __future__ import annotations
