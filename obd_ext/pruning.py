@@ -83,7 +83,8 @@ def warn_uncovered(model: nn.Module, names: Sequence[str], stacklevel: int = 3) 
         share = sum(k for _, k in left) / total
         warnings.warn(f"Pruner: {len(left)} weight matrices ({share:.1%} of the model's matrix entries, e.g. "
                       f"{[n for n, _ in left[:3]]}) are not in a layer the default list knows, so they are not "
-                      "pruned; pass params=obd_ext.default_prunable(model) + [...] to include them", stacklevel=stacklevel)
+                      "pruned; pass params=obd_ext.default_prunable(model) + [...] to include them",
+                      stacklevel=stacklevel)
 
 
 def _torch_pruned(model: nn.Module, name: str) -> Optional[nn.Module]:
@@ -120,8 +121,9 @@ class Pruner:
     def __init__(self, model: nn.Module, params: Optional[Sequence[str]] = None, *, adopt_zeros: bool = False):
         names = list(params) if params is not None else default_prunable(model)
         if not names:
-            raise ValueError("params: no parameters to prune (got an empty list"
-                             + (")" if params is not None else "; the model has no Linear, conv or Embedding weights)"))
+            raise ValueError("params: no parameters to prune (got an empty list" + (
+                ")" if params is not None
+                else "; the model has no layer weights obd_ext.default_prunable knows: pass params=)"))
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
             raise ValueError(f"params: each name may appear once, got {dup} more than once")

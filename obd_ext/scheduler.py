@@ -168,7 +168,8 @@ def _check_params(model: nn.Module, params: Any, method: str) -> List[str]:
     names = list(names)
     if not names:
         raise ValueError("params: no parameters to prune " + (
-            "(got an empty list)" if params is not None else "(the model has no Linear, conv or Embedding weights)"))
+            "(got an empty list)" if params is not None
+            else "(the model has no layer weights obd_ext.default_prunable knows: pass params=)"))
     # Every name of every parameter: a weight tied to another is listed under both names.
     named = dict(model.named_parameters(remove_duplicate=False))
     seen = set()
