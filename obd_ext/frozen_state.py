@@ -16,8 +16,10 @@ on the CPU a deleted entry's second moment is *held* at :func:`held_value`
 instead of zero:
 
 - ``sqrt(smallest normal number)`` of the state's dtype (2^-63 in float32 and
-  bfloat16): its square root is far below any ``eps``, so if the state ever
-  reaches a weight that trains again it behaves like a fresh (zero) entry;
+  bfloat16, 2^-7 in float16): in float32 its square root (3e-10) is below the
+  usual ``eps`` (1e-8), so even a saved state reused without the Pruner
+  would behave almost like a fresh (zero) entry; the Pruner itself resets it
+  whenever it stops freezing the entry;
 - re-set every :func:`rearm_period` steps, before the optimizer's decay
   (``beta2`` per step) can take it down to subnormal.
 
@@ -56,14 +58,14 @@ ZERO_PRESERVING = tuple(getattr(torch.optim, n) for n in (
 
 
 def preserves_zero(opt: torch.optim.Optimizer) -> bool:
-    """Whether ``opt``'s step provably leaves a deleted entry at zero (see ZERO_PRESERVING).
+    """Whether ``opt``'s step provably leaves a deleted entry at zero (see ZERO_PRESERVING; exact types only).
 
     Their updates divide a zero by a denominator that ``eps`` keeps positive;
     an ``eps`` of 0, or one that rounds to 0 in the parameter's dtype (1e-8 in
     float16), makes it 0 / 0 = NaN, so such an optimizer is treated like any
     other: the Pruner re-zeroes after its steps.
     """
-    if not isinstance(opt, ZERO_PRESERVING):
+    if type(opt) not in ZERO_PRESERVING:  # a subclass may change the step (add noise, mix entries)
         return False
     for group in opt.param_groups:
         eps = group.get("eps")

@@ -36,6 +36,7 @@ Pruner. A model pruned with ``torch.nn.utils.prune`` (``weight_orig`` and
 from __future__ import annotations
 
 import warnings
+import weakref
 from typing import Dict, List, Optional, Sequence
 
 import torch
@@ -45,8 +46,8 @@ from torch.nn.utils import prune as torch_prune
 
 from . import frozen_state
 from .frozen_state import ZERO_PRESERVING
-from .layer_kinds import prunable_weight_attrs
-from .selection import Selection, prune_, select_scores
+from .layer_kinds import is_hf_conv1d, prunable_weight_attrs
+from .selection import Selection, prune_as, select_scores
 from .selection_checks import check_factor, check_sparsity
 from .sparse_export import FORMATS, Finalized, finalize_modules
 from .vocabulary import CURVATURE_METHODS, PRUNER_METHODS, SCOPES, check_method, check_pattern_sparsity, check_scope
@@ -66,8 +67,13 @@ def default_prunable(model: nn.Module) -> List[str]:
     name, so a weight shared by two layers (an embedding tied to the output
     head) appears under both; the Pruner prunes it once.
     """
+    # A weight computed from other parameters (weight_norm, spectral_norm,
+    # parametrizations) is not itself a parameter: its parameters (e.g.
+    # weight_v) are named by the Pruner's warning instead. A weight
+    # reparametrised by torch.nn.utils.prune is listed: the Pruner adopts it.
     return [f"{name}.{attr}" if name else attr for name, m in model.named_modules()
-            for attr in prunable_weight_attrs(m)]
+            for attr in prunable_weight_attrs(m)
+            if isinstance(getattr(m, attr, None), nn.Parameter) or _torch_pruned(m, attr) is not None]
 
 
 def warn_uncovered(model: nn.Module, names: Sequence[str], stacklevel: int = 3) -> None:
@@ -76,7 +82,8 @@ def warn_uncovered(model: nn.Module, names: Sequence[str], stacklevel: int = 3) 
     # default list: say so when such weights are a sizeable part of the model,
     # rather than prune the rest and report the sparsity of what was listed.
     listed = {id(p) for n, p in model.named_parameters(remove_duplicate=False) if n in set(names)}
-    matrices = {id(p): (n, p.numel()) for n, p in model.named_parameters() if p.dim() >= 2}
+    matrices = {id(p): (n, p.numel()) for n, p in model.named_parameters()
+                if not isinstance(p, nn.parameter.UninitializedParameter) and p.dim() >= 2}
     left = [(n, k) for i, (n, k) in matrices.items() if i not in listed]
     total = sum(k for _, k in matrices.values())
     if left and sum(k for _, k in left) >= 0.05 * total:
@@ -85,6 +92,20 @@ def warn_uncovered(model: nn.Module, names: Sequence[str], stacklevel: int = 3) 
                       f"{[n for n, _ in left[:3]]}) are not in a layer the default list knows, so they are not "
                       "pruned; pass params=obd_ext.default_prunable(model) + [...] to include them",
                       stacklevel=stacklevel)
+
+
+def stores_inputs_first(model: nn.Module, name: str) -> bool:
+    """Whether parameter ``name`` is stored ``[inputs, outputs]`` (transformers' Conv1D), not ``[outputs, inputs]``.
+
+    The row, N:M and group scopes read dim 0 as the outputs and dim 1 as the
+    inputs, so such a weight is selected through its transpose.
+    """
+    owner_name, _, attr = name.rpartition(".")
+    try:
+        owner = model.get_submodule(owner_name)
+    except AttributeError:
+        return False
+    return attr == "weight" and is_hf_conv1d(owner)
 
 
 def _torch_pruned(model: nn.Module, name: str) -> Optional[nn.Module]:
@@ -135,6 +156,10 @@ class Pruner:
         missing = [n for n, owner in torch_owned.items() if owner is None]
         if missing:
             raise ValueError(f"params: the model has no parameter named {missing[0]!r}")
+        lazy = [n for n in names if isinstance(named.get(n), nn.parameter.UninitializedParameter)]
+        if lazy:
+            raise ValueError(f"params: {lazy[0]!r} is not initialised yet (a lazy module): run one forward pass "
+                             "before building the Pruner")
         # Validated: now adopt torch.nn.utils.prune's masks (this changes the model).
         adopted: Dict[str, Tensor] = {}
         for n, owner in torch_owned.items():
@@ -159,6 +184,7 @@ class Pruner:
         for n, p in named.items():  # tied names the user did not list still find their mask
             if id(p) in by_id:
                 self.aliases.setdefault(n, by_id[id(p)])
+        self._inputs_first = {n for n in self.names if stores_inputs_first(model, n)}
         self.masks: Dict[str, Tensor] = {}
         for n, p in self.params.items():
             if n in adopted:
@@ -179,6 +205,8 @@ class Pruner:
         self._bitmasks: Dict[tuple, tuple] = {}  # the gradient hook's integer masks, see _bitmask
         self._hooks: list = []
         self._grad_hooked: set = set()  # names whose gradient hook is installed
+        self._masked: Dict[str, tuple] = {}  # name -> (weakref, _version) of the gradient last masked
+        self._forward_hook = None  # installs the gradient hooks of weights unfrozen later, before their backward
         self._optimizers: list = []
         self._weights_dirty = False  # deleted weights may be non-zero (after a factor prune or a mask load)
         self._refresh_deleted()
@@ -230,7 +258,7 @@ class Pruner:
 
     def prune(self, sparsity: Optional[float] = None, method: str = "obd", curvature=None, *,
               scope: Optional[str] = None, pattern: str = "unstructured", factor: Optional[float] = 0.0,
-              generator: Optional[torch.Generator] = None) -> Selection:
+              generator: Optional[torch.Generator] = None, nonfinite: str = "error") -> Selection:
         """Delete to a target sparsity: the fraction of the pruned entries deleted after the call.
 
         Unlike ``torch.nn.utils.prune``'s ``amount`` (a fraction of what
@@ -254,6 +282,8 @@ class Pruner:
             factor: deleted weights are multiplied by it (0 deletes; the
                 paper's "decrease" variant uses a value in (0, 1)).
             generator: random source for method="random".
+            nonfinite: "error" (default) raises on NaN/Inf in a kept weight
+                or its curvature; "keep" leaves such entries alone.
 
         Returns:
             The :class:`~obd_ext.Selection` (counts and the predicted loss increase).
@@ -283,9 +313,15 @@ class Pruner:
             curv = self._curvature_list(method, curvature)
         else:  # magnitude: saliency w^2 / 2 orders like |w|
             curv = [torch.ones_like(w) for w in weights]
+        def rows(ts: List[Tensor]) -> List[Tensor]:  # transformers' Conv1D is stored [in, out]: select its transpose
+            return [t.t() if n in self._inputs_first else t for n, t in zip(self.names, ts)]
+
         with torch.no_grad():
-            sel = prune_(weights, curv, sparsity=sparsity, scope=scope, pattern=pattern, masks=masks, factor=factor,
-                         names=self.names)
+            sel = prune_as("Pruner.prune", rows(weights), rows(curv), sparsity=sparsity, scope=scope, pattern=pattern,
+                           masks=rows(masks), factor=factor, nonfinite=nonfinite, names=self.names)
+        sel.masks = masks  # the masks as stored, not the views
+        for part, m in zip(sel.per_tensor, masks):
+            part.masks = [m]
         self._after_masks_changed(factor, weights_written=True)
         return sel
 
@@ -346,11 +382,14 @@ class Pruner:
             raise RuntimeError(f"Pruner: the gradient of {name!r} is {g.layout} (e.g. nn.Embedding(sparse=True)); "
                                f"deleted entries are frozen by masking dense gradients in place: use sparse=False")
         g.view(_INT_OF_WIDTH[g.element_size()]).bitwise_and_(self._bitmask(name, g))
+        self._masked[name] = (weakref.ref(g), g._version)
 
     def _install_grad_hooks(self) -> None:
         # A parameter frozen (requires_grad=False) when the Pruner is built
-        # cannot take a hook; it gets one, and its gradient so far is masked,
-        # before the next step of an attached optimizer once it is unfrozen.
+        # cannot take a hook; once unfrozen it gets one at the model's next
+        # forward (so its next backward is masked) or, at the latest, before
+        # the next step of an attached optimizer, which also masks what it
+        # accumulated meanwhile.
         if len(self._grad_hooked) == len(self.params):
             return
         for name, p in self.params.items():
@@ -359,11 +398,16 @@ class Pruner:
                     lambda param, name=name: self._mask_grad(name, param)))
                 self._grad_hooked.add(name)
                 self._mask_grad(name, p)
+        if len(self._grad_hooked) < len(self.params) and self._forward_hook is None:
+            self._forward_hook = self.model.register_forward_pre_hook(lambda module, args: self._install_grad_hooks())
+            self._hooks.append(self._forward_hook)
 
     def _after_masks_changed(self, factor: Optional[float], weights_written: bool) -> None:
         """After a selection: apply ``factor`` unless the kernels did, zero the optimizers' state at deletions."""
         self._refresh_deleted()
-        self.apply_masks(None if weights_written else factor)
+        # factor 0: every deleted weight zero (also ones a user wrote to while unhooked); a factor
+        # shrinks only the new deletions, which the kernels did (weights_written) or apply_masks does.
+        self.apply_masks(0.0 if factor == 0.0 else None if weights_written else factor)
         # Deleted weights shrunk (or left, factor=None) are not zero yet: the next step zeroes them.
         self._weights_dirty = factor != 0.0
         for opt in self._optimizers:
@@ -436,6 +480,40 @@ class Pruner:
         if due:
             self._freeze_state(opt, names=due, keys=held)
 
+    def _before_step(self) -> None:
+        # Gradients the hook has not seen: of a weight unfrozen since (no hook
+        # yet), assigned (p.grad = g, no accumulation) or edited in place
+        # after the hook. Masking is idempotent, so a doubt costs one pass.
+        self._install_grad_hooks()
+        for name, p in self.params.items():
+            g = p.grad
+            seen = self._masked.get(name)
+            if g is not None and (seen is None or seen[0]() is not g or seen[1] != g._version):
+                self._mask_grad(name, p)
+
+    @torch.no_grad()
+    def _after_state_load(self, opt: torch.optim.Optimizer) -> None:
+        # A state loaded after attaching (e.g. from before pruning) may carry
+        # momentum at deleted entries: zero it. Held second moments are only
+        # raised where they would be slow (zero or subnormal), so loading a
+        # state this Pruner saved leaves it bit for bit.
+        held = frozen_state.held_keys(opt)
+        groups = frozen_state.groups_of(opt)
+        for name, p in self.params.items():
+            state = opt.state.get(p)
+            if not state or id(p) not in groups:
+                continue
+            holding = bool(held) and frozen_state.holds(opt, groups[id(p)], p) is not None
+            deleted = self._deleted[name]
+            for key, value in state.items():
+                if key == "step" or not (isinstance(value, Tensor) and value.shape == p.shape):
+                    continue
+                if holding and key in held:
+                    value.masked_fill_(deleted & (value < torch.finfo(value.dtype).tiny),
+                                       frozen_state.held_value(value.dtype))
+                else:
+                    value.masked_fill_(deleted, 0)
+
     def _after_step(self, opt: torch.optim.Optimizer) -> None:
         # Zero-preserving optimizers cannot move a deleted entry while its
         # weight is zero; others, and weights left non-zero by factor, are re-zeroed.
@@ -458,9 +536,12 @@ class Pruner:
                              f"{self.names[0]!r}), so nothing it does could be frozen: attach the optimizer that "
                              "trains this model's parameters")
         self._optimizers.append(optimizer)
-        self._hooks.append(optimizer.register_step_pre_hook(lambda opt, args, kwargs: self._install_grad_hooks()))
+        self._hooks.append(optimizer.register_step_pre_hook(lambda opt, args, kwargs: self._before_step()))
+        self._hooks.append(optimizer.register_load_state_dict_post_hook(self._after_state_load))
         self._hooks.append(optimizer.register_step_post_hook(lambda opt, args, kwargs: self._after_step(opt)))
-        self.apply_masks(None)  # state built before attaching must not revive anything
+        # Weights written while unhooked, and state built before attaching, must not revive anything
+        # (weights shrunk by a factor stay so until the next step).
+        self.apply_masks(None if self._weights_dirty else 0.0)
         self._restart_lbfgs(optimizer)
         return self
 
@@ -486,6 +567,7 @@ class Pruner:
             h.remove()
         self._hooks.clear()
         self._grad_hooked.clear()
+        self._forward_hook = None
         self._optimizers.clear()
 
     @torch.no_grad()
@@ -522,6 +604,7 @@ class Pruner:
         """
         if format not in FORMATS:  # checked before the hooks go, so a typo changes nothing
             raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
+        self._check_current("finalize")
         with torch.no_grad():
             zeroed = {k: p.masked_fill(self._deleted[k], 0.0) for k, p in self.params.items()}
         # Converts every layer from the zeroed copies first; raises before anything is changed.

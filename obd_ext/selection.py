@@ -637,7 +637,13 @@ def prune_(
         A :class:`Selection`; for the per-tensor scopes ("layer", "row", N:M)
         its ``per_tensor`` holds one Selection per tensor.
     """
-    where = "obd_ext.prune_"
+    return prune_as("obd_ext.prune_", weights, curvature, sparsity=sparsity, scope=scope, pattern=pattern,
+                    masks=masks, factor=factor, dim=dim, nonfinite=nonfinite, names=names)
+
+
+def prune_as(where: str, weights, curvature, *, sparsity=None, scope=None, pattern="unstructured", masks=None,
+             factor=0.0, dim=0, nonfinite="error", names=None) -> Selection:
+    """:func:`prune_`, with errors and warnings naming ``where`` (the public call the user made)."""
     nm = parse_pattern(pattern)
     sparsity = check_pattern_sparsity(pattern, sparsity)
     if nm is not None:

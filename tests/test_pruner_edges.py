@@ -1,5 +1,6 @@
 """Pruner cases an outside audit found wrong without an error (stop 14): each now right or a clear error."""
 
+import copy
 import warnings
 
 import pytest
@@ -195,3 +196,149 @@ def test_optimizer_or_parameters_that_are_not_the_models_are_refused():
     with pytest.raises(RuntimeError, match="no longer the one"):
         pruner.attach(torch.optim.Adam(net.parameters(), lr=1e-2))
     assert obd_ext.Pruner(net, adopt_zeros=True).sparsity == 0.0
+
+
+# --------------------------------------------------------------------------- second audit
+
+
+def test_gpt2_conv1d_is_pruned_along_its_inputs():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    m = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64, n_positions=16))
+    fc = m.transformer.h[0].mlp.c_fc  # Conv1D: weight [in 32, out 128]
+    pr = Pruner(m, params=["transformer.h.0.mlp.c_fc.weight", "transformer.h.0.attn.c_attn.weight"])
+    sel = pr.prune(method="magnitude", pattern="2:4")
+    as_linear = fc.weight.detach().t()  # [out, in]
+    assert int((as_linear.reshape(128, -1, 4) != 0).sum(-1).max()) == 2
+    assert sel.masks[0].shape == fc.weight.shape and sel.per_tensor[0].masks[0].shape == fc.weight.shape
+    pr.revive()
+    pr.prune(0.5, method="magnitude", scope="row")
+    per_output = (as_linear == 0).float().mean(1)
+    assert torch.equal(per_output, torch.full_like(per_output, 0.5))
+    # the scheduler's width check reads the inputs too (c_fc: 32, c_proj: 128, shown as the [out, in] view)
+    obd_ext.OBDScheduler(m, nn.CrossEntropyLoss(), [(torch.zeros(1, 32), torch.zeros(1, dtype=torch.long))],
+                         lambda r: None, schedule=[0.5], pattern="2:4", params=["transformer.h.0.mlp.c_fc.weight"])
+    with pytest.raises(ValueError, match=r"input dimension \(dim 1\) of parameter 'transformer.h.0.mlp.c_proj.weight'"
+                                         r" to be a multiple of 3, got shape \(32, 128\)"):
+        obd_ext.OBDScheduler(m, nn.CrossEntropyLoss(), [(torch.zeros(1, 32), torch.zeros(1, dtype=torch.long))],
+                             lambda r: None, schedule=[1 / 3], pattern="2:3",
+                             params=["transformer.h.0.mlp.c_proj.weight"])
+
+
+def test_a_subclass_of_a_zero_preserving_optimizer_is_re_zeroed():
+    class NoisySGD(torch.optim.SGD):  # SGLD-like: the step adds noise to every weight
+        def step(self, closure=None):
+            super().step(closure)
+            with torch.no_grad():
+                for group in self.param_groups:
+                    for p in group["params"]:
+                        p.add_(torch.randn_like(p), alpha=1e-3)
+
+    net = _net()
+    opt = NoisySGD(net.parameters(), lr=1e-2)
+    assert not frozen_state.preserves_zero(opt)
+    pruner = Pruner(net).attach(opt)
+    pruner.prune(0.5, method="magnitude")
+    _steps(net, opt)
+    _assert_frozen(pruner)
+
+
+def test_attach_and_prune_zero_weights_written_while_unhooked():
+    net = _net()
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-2)
+    pruner = Pruner(net).attach(opt)
+    pruner.prune(0.5, method="magnitude")
+    pruner.remove_hooks()
+    _steps(net, opt)  # unfrozen: deleted weights move
+    assert any(net.get_parameter(n)[~m].any() for n, m in pruner.masks.items())
+    pruner.attach(opt)
+    _assert_frozen(pruner)
+    _steps(net, opt)
+    _assert_frozen(pruner)
+    with torch.no_grad():
+        net[0].weight.add_(1.0)  # written by hand
+    pruner.prune(0.5, method="magnitude")  # same sparsity: nothing new, the old deletions zeroed again
+    _assert_frozen(pruner)
+
+
+def test_optimizer_state_loaded_after_attaching_is_frozen_too():
+    net = _net()
+    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+    _steps(net, opt)
+    dense_state = copy.deepcopy(opt.state_dict())  # from before pruning: momentum everywhere (a copy, as if saved)
+    pruner = Pruner(net).attach(opt)
+    pruner.prune(0.5, method="magnitude")
+    opt.load_state_dict(dense_state)
+    for n, m in pruner.masks.items():
+        state = opt.state[net.get_parameter(n)]
+        assert not state["exp_avg"][~m].any()
+        assert (state["exp_avg_sq"][~m] >= torch.finfo(torch.float32).tiny).all()
+    _steps(net, opt)
+    _assert_frozen(pruner)
+    saved = copy.deepcopy(opt.state_dict())  # saved while attached: loads back bit for bit
+    before = {k: v.clone() for k, v in opt.state[net[0].weight].items()}
+    opt.load_state_dict(saved)
+    for k, v in opt.state[net[0].weight].items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_assigned_and_edited_gradients_are_masked_before_the_step():
+    net = _net()
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-2)
+    pruner = Pruner(net).attach(opt)
+    pruner.prune(0.5, method="magnitude")
+    x = torch.randn(16, 8)
+    for _ in range(3):
+        grads = torch.autograd.grad(net(x).square().mean(), list(net.parameters()))
+        for p, g in zip(net.parameters(), grads):
+            p.grad = g  # assignment: no accumulation, no hook
+        opt.step()
+        _assert_frozen(pruner)
+        opt.zero_grad()
+        net(x).square().mean().backward()
+        net[0].weight.grad.add_(1.0)  # edited after the hook
+        opt.step()
+        _assert_frozen(pruner)
+        opt.zero_grad()
+
+
+def test_unfrozen_weight_is_masked_from_its_first_backward():
+    net = _net()
+    net[0].weight.requires_grad_(False)
+    pruner = Pruner(net).attach(torch.optim.SGD(net.parameters(), lr=0.1))
+    pruner.prune(0.5, method="magnitude", scope="layer")
+    net[0].weight.requires_grad_(True)
+    net(torch.randn(16, 8)).square().mean().backward()
+    assert not net[0].weight.grad[~pruner.masks["0.weight"]].any()  # what clip_grad_norm_ would see
+
+
+def test_weight_norm_spectral_norm_and_lazy_layers():
+    from torch.nn.utils import parametrizations
+
+    model = nn.Sequential(nn.utils.weight_norm(nn.Linear(8, 8)), parametrizations.spectral_norm(nn.Linear(8, 8)),
+                          nn.Linear(8, 2))
+    with pytest.warns(UserWarning, match=r"weight_v.*are not in a layer the default list knows"):
+        pruner = Pruner(model)
+    assert pruner.names == ["2.weight"]
+    pruner = Pruner(model, params=["0.weight_v", "2.weight"])  # the underlying parameter can be named
+    pruner.prune(0.5, method="magnitude")
+    model(torch.randn(2, 8))  # weight_norm recomputes the weight in its forward pre-hook
+    assert (model[0].weight[~pruner.masks["0.weight_v"]] == 0).all()
+    with pytest.raises(ValueError, match="'0.weight' is not initialised yet"):
+        Pruner(nn.Sequential(nn.LazyLinear(4)))
+
+
+def test_finalize_refuses_replaced_parameters_and_prune_names_itself():
+    net = _net()
+    pruner = Pruner(net)
+    pruner.prune(0.5, method="magnitude")
+    net.load_state_dict({k: v.clone() for k, v in _net(1).state_dict().items()}, assign=True)
+    with pytest.raises(RuntimeError, match="finalize: the model's parameter '0.weight' is no longer"):
+        pruner.finalize("dense")
+    other = Pruner(_net())
+    h = {n: torch.ones_like(p) for n, p in other.params.items()}
+    h["0.weight"][0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"Pruner.prune: .*nonfinite='keep'"):
+        other.prune(0.5, method="obd", curvature=h)
+    sel = other.prune(0.5, method="obd", curvature=h, nonfinite="keep")
+    assert sel.skipped_nonfinite == 1 and other.masks["0.weight"][0, 0]
