@@ -435,32 +435,43 @@ class Pruner:
                 else:
                     p.copy_(torch.where(deleted, p * factor, p))
         for opt in self._optimizers:
-            self._freeze_state(opt)
+            self._set_state(opt)
         if factor == 0.0:
             self._weights_dirty = False
 
     @torch.no_grad()
-    def _freeze_state(self, opt: torch.optim.Optimizer, names: Optional[Sequence[str]] = None,
-                      keys: Optional[Sequence[str]] = None, hold: bool = True) -> None:
-        """Set ``opt``'s per-entry state at deletions: held second moments to their value, the rest to zero.
+    def _set_state(self, opt: torch.optim.Optimizer, how: str = "freeze", names: Optional[Sequence[str]] = None,
+                   keys: Optional[Sequence[str]] = None) -> None:
+        """Write ``opt``'s per-entry state at the deleted entries (``names``, ``keys``: only those).
 
-        ``names`` and ``keys`` limit it to those parameters and state keys;
-        ``hold=False`` zeroes the held ones too.
+        how:
+            "freeze": state that carries an update to zero, second moments held
+                on the CPU to their held value (:mod:`obd_ext.frozen_state`);
+            "loaded": the same, but held second moments are only raised where
+                zero or subnormal, so a state this Pruner saved loads bit for bit;
+            "fresh": what a new parameter's state holds (entries it stops freezing).
         """
-        held = frozen_state.held_keys(opt) if hold else ()
-        groups = frozen_state.groups_of(opt) if held else {}
+        held = frozen_state.held_keys(opt) if how != "fresh" else ()
+        groups = frozen_state.groups_of(opt)
         for name in self.names if names is None else names:
             p = self.params[name]
             state = opt.state.get(p)
-            if not state:
+            if not state or id(p) not in groups:
                 continue
-            holding = id(p) in groups and frozen_state.holds(opt, groups[id(p)], p) is not None
+            group, deleted = groups[id(p)], self._deleted[name]
+            holding = bool(held) and frozen_state.holds(opt, group, p) is not None
             for key, value in state.items():
                 if key == "step" or (keys is not None and key not in keys):
                     continue
-                if isinstance(value, Tensor) and value.shape == p.shape:
-                    fill = frozen_state.held_value(value.dtype) if holding and key in held else 0
-                    value.masked_fill_(self._deleted[name], fill)
+                if not (isinstance(value, Tensor) and value.shape == p.shape):
+                    continue
+                if how == "fresh":
+                    value.masked_fill_(deleted, frozen_state.fresh_value(opt, group, key))
+                elif holding and key in held:
+                    low = deleted & (value < torch.finfo(value.dtype).tiny) if how == "loaded" else deleted
+                    value.masked_fill_(low, frozen_state.held_value(value.dtype))
+                else:
+                    value.masked_fill_(deleted, 0)
 
     def _rearm(self, opt: torch.optim.Optimizer) -> None:
         # A held second moment decays by beta2 every step; it is set again
@@ -478,7 +489,7 @@ class Pruner:
             if period and (int(step) - 1) % period == 0:
                 due.append(name)
         if due:
-            self._freeze_state(opt, names=due, keys=held)
+            self._set_state(opt, names=due, keys=held)
 
     def _before_step(self) -> None:
         # Gradients the hook has not seen: of a weight unfrozen since (no hook
@@ -491,28 +502,10 @@ class Pruner:
             if g is not None and (seen is None or seen[0]() is not g or seen[1] != g._version):
                 self._mask_grad(name, p)
 
-    @torch.no_grad()
     def _after_state_load(self, opt: torch.optim.Optimizer) -> None:
         # A state loaded after attaching (e.g. from before pruning) may carry
-        # momentum at deleted entries: zero it. Held second moments are only
-        # raised where they would be slow (zero or subnormal), so loading a
-        # state this Pruner saved leaves it bit for bit.
-        held = frozen_state.held_keys(opt)
-        groups = frozen_state.groups_of(opt)
-        for name, p in self.params.items():
-            state = opt.state.get(p)
-            if not state or id(p) not in groups:
-                continue
-            holding = bool(held) and frozen_state.holds(opt, groups[id(p)], p) is not None
-            deleted = self._deleted[name]
-            for key, value in state.items():
-                if key == "step" or not (isinstance(value, Tensor) and value.shape == p.shape):
-                    continue
-                if holding and key in held:
-                    value.masked_fill_(deleted & (value < torch.finfo(value.dtype).tiny),
-                                       frozen_state.held_value(value.dtype))
-                else:
-                    value.masked_fill_(deleted, 0)
+        # momentum at deleted entries.
+        self._set_state(opt, "loaded")
 
     def _after_step(self, opt: torch.optim.Optimizer) -> None:
         # Zero-preserving optimizers cannot move a deleted entry while its
@@ -570,21 +563,13 @@ class Pruner:
         self._forward_hook = None
         self._optimizers.clear()
 
-    @torch.no_grad()
     def _release_state(self) -> None:
         # Frozen state (zeros, held second moments) is for entries this Pruner
         # freezes: whatever trains them next (revived, or no Pruner) finds the
         # state a fresh parameter would have (Rprop's step size is its lr,
         # Adagrad's sum its initial value; zero otherwise).
         for opt in self._optimizers:
-            groups = frozen_state.groups_of(opt)
-            for name, p in self.params.items():
-                state = opt.state.get(p)
-                if not state or id(p) not in groups:
-                    continue
-                for key, value in state.items():
-                    if key != "step" and isinstance(value, Tensor) and value.shape == p.shape:
-                        value.masked_fill_(self._deleted[name], frozen_state.fresh_value(opt, groups[id(p)], key))
+            self._set_state(opt, "fresh")
 
     def finalize(self, format: str = "dense") -> Finalized:
         """Make pruning permanent (torch's ``prune.remove``): zeros in place, no hooks, optionally sparse storage.
