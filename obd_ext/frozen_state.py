@@ -38,7 +38,7 @@ from typing import Callable, Dict, Optional, Tuple
 import torch
 from torch import Tensor
 
-__all__ = ["ZERO_PRESERVING", "preserves_zero", "fresh_value", "held_keys", "held_value", "rearm_period", "holds",
+__all__ = ["ZERO_PRESERVING", "preserves_zero", "scale_keys", "fresh_value", "held_keys", "held_value", "rearm_period", "holds",
            "groups_of"]
 
 # Optimizers whose step leaves an entry at exactly zero when its gradient, its
@@ -82,6 +82,15 @@ _FRESH: Tuple[Tuple[type, str, Callable[[dict], float]], ...] = (
     (torch.optim.Rprop, "step_size", lambda group: group["lr"]),
     (torch.optim.Adagrad, "sum", lambda group: group["initial_accumulator_value"]),
 )
+
+
+def scale_keys(opt: torch.optim.Optimizer) -> Tuple[str, ...]:
+    """State keys whose value at a deleted entry cannot move it (they scale a zero update), besides the held ones.
+
+    Rprop's step size multiplies sign(0) = 0 (and Rprop itself clamps it to
+    its minimum there every step); a state loaded after attaching keeps them.
+    """
+    return ("step_size",) if type(opt) is torch.optim.Rprop else ()
 
 
 def fresh_value(opt: torch.optim.Optimizer, group: dict, key: str) -> float:

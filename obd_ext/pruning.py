@@ -36,7 +36,6 @@ Pruner. A model pruned with ``torch.nn.utils.prune`` (``weight_orig`` and
 from __future__ import annotations
 
 import warnings
-import weakref
 from typing import Dict, List, Optional, Sequence
 
 import torch
@@ -46,7 +45,7 @@ from torch.nn.utils import prune as torch_prune
 
 from . import frozen_state
 from .frozen_state import ZERO_PRESERVING
-from .layer_kinds import is_hf_conv1d, prunable_weight_attrs
+from .layer_kinds import prunable_weight_attrs, stores_inputs_first
 from .selection import Selection, prune_as, select_scores
 from .selection_checks import check_factor, check_sparsity
 from .sparse_export import FORMATS, Finalized, finalize_modules
@@ -82,8 +81,8 @@ def warn_uncovered(model: nn.Module, names: Sequence[str], stacklevel: int = 3) 
     # default list: say so when such weights are a sizeable part of the model,
     # rather than prune the rest and report the sparsity of what was listed.
     listed = {id(p) for n, p in model.named_parameters(remove_duplicate=False) if n in set(names)}
-    matrices = {id(p): (n, p.numel()) for n, p in model.named_parameters()
-                if not isinstance(p, nn.parameter.UninitializedParameter) and p.dim() >= 2}
+    matrices = {id(p): (n, p.numel()) for n, p in model.named_parameters()  # two or more dims above 1
+                if not isinstance(p, nn.parameter.UninitializedParameter) and sum(d > 1 for d in p.shape) >= 2}
     left = [(n, k) for i, (n, k) in matrices.items() if i not in listed]
     total = sum(k for _, k in matrices.values())
     if left and sum(k for _, k in left) >= 0.05 * total:
@@ -94,18 +93,32 @@ def warn_uncovered(model: nn.Module, names: Sequence[str], stacklevel: int = 3) 
                       stacklevel=stacklevel)
 
 
-def stores_inputs_first(model: nn.Module, name: str) -> bool:
-    """Whether parameter ``name`` is stored ``[inputs, outputs]`` (transformers' Conv1D), not ``[outputs, inputs]``.
+def _owner(model: nn.Module, name: str) -> Optional[nn.Module]:
+    try:
+        return model.get_submodule(name.rpartition(".")[0])
+    except AttributeError:
+        return None
+
+
+def inputs_first(model: nn.Module, name: str) -> bool:
+    """Whether parameter ``name`` is a layer weight stored inputs first (Conv1D, transposed convolutions).
 
     The row, N:M and group scopes read dim 0 as the outputs and dim 1 as the
-    inputs, so such a weight is selected through its transpose.
+    inputs, so such a weight is selected with those two dims swapped.
     """
-    owner_name, _, attr = name.rpartition(".")
-    try:
-        owner = model.get_submodule(owner_name)
-    except AttributeError:
-        return False
-    return attr == "weight" and is_hf_conv1d(owner)
+    owner = _owner(model, name)
+    return name.rpartition(".")[2] == "weight" and owner is not None and stores_inputs_first(owner)
+
+
+def layout_unknown(model: nn.Module, name: str, p: Tensor) -> bool:
+    """A parameter of 3 or more dims that is not a known layer's weight (e.g. stacked MoE experts).
+
+    Nothing says which of its dims hold outputs and inputs, so the row, N:M
+    and group scopes refuse it rather than guess (2-D ones are read as
+    ``[out, in]``, like ``nn.Linear``).
+    """
+    owner = _owner(model, name)
+    return p.dim() >= 3 and (owner is None or name.rpartition(".")[2] not in prunable_weight_attrs(owner))
 
 
 def _torch_pruned(model: nn.Module, name: str) -> Optional[nn.Module]:
@@ -184,7 +197,8 @@ class Pruner:
         for n, p in named.items():  # tied names the user did not list still find their mask
             if id(p) in by_id:
                 self.aliases.setdefault(n, by_id[id(p)])
-        self._inputs_first = {n for n in self.names if stores_inputs_first(model, n)}
+        self._inputs_first = {n for n in self.names if inputs_first(model, n)}
+        self._layout_unknown = [n for n in self.names if layout_unknown(model, n, self.params[n])]
         self.masks: Dict[str, Tensor] = {}
         for n, p in self.params.items():
             if n in adopted:
@@ -205,8 +219,7 @@ class Pruner:
         self._bitmasks: Dict[tuple, tuple] = {}  # the gradient hook's integer masks, see _bitmask
         self._hooks: list = []
         self._grad_hooked: set = set()  # names whose gradient hook is installed
-        self._masked: Dict[str, tuple] = {}  # name -> (weakref, _version) of the gradient last masked
-        self._forward_hook = None  # installs the gradient hooks of weights unfrozen later, before their backward
+        self._forward_hooks: list = []  # hook weights unfrozen later at their layer's next forward
         self._optimizers: list = []
         self._weights_dirty = False  # deleted weights may be non-zero (after a factor prune or a mask load)
         self._refresh_deleted()
@@ -300,25 +313,37 @@ class Pruner:
             raise ValueError(f"sparsity={sparsity:g} is below the {self.sparsity:.6g} already deleted: a Pruner only "
                              "deletes more (sparsity is the total, not torch's fraction of what remains); call "
                              "revive() first to start over")
+        if self._layout_unknown and (pattern != "unstructured" or resolved_scope in ("row", "group")):
+            n = self._layout_unknown[0]
+            raise ValueError(f"Pruner.prune: {n!r} ({self.params[n].dim()} dims) is not a known layer's weight, so which "
+                             f"dims hold its outputs and inputs is unknown; scope={resolved_scope!r} with "
+                             f"pattern={pattern!r} needs them: use scope 'global' or 'layer', or a Pruner without it")
         weights = [self.params[k] for k in self.names]
         masks = [self.masks[k] for k in self.names]
         if method == "random":
             if resolved_scope != "global" or pattern != "unstructured":
                 raise ValueError("method='random' supports scope='global' with pattern='unstructured' only")
             scores = [torch.rand(w.shape, generator=generator).to(w.device) for w in weights]
+            before = [m.clone() for m in masks] if factor not in (0.0, None) else None
             sel = select_scores(scores, sparsity=sparsity, masks=masks, names=self.names)
-            self._after_masks_changed(factor, weights_written=False)
+            if before is not None:  # shrink the new deletions only, as the kernels do
+                with torch.no_grad():
+                    for w, m, b in zip(weights, masks, before):
+                        w.copy_(torch.where(b & ~m, w * factor, w))
+            self._after_masks_changed(factor, weights_written=True)
             return sel
         if method in CURVATURE_METHODS:
             curv = self._curvature_list(method, curvature)
         else:  # magnitude: saliency w^2 / 2 orders like |w|
             curv = [torch.ones_like(w) for w in weights]
-        def rows(ts: List[Tensor]) -> List[Tensor]:  # transformers' Conv1D is stored [in, out]: select its transpose
-            return [t.t() if n in self._inputs_first else t for n, t in zip(self.names, ts)]
+        def rows(ts: List[Tensor]) -> List[Tensor]:  # weights stored inputs first: select with dims 0, 1 swapped
+            return [t.transpose(0, 1) if n in self._inputs_first else t for n, t in zip(self.names, ts)]
 
+        labels = [f"{n} (stored inputs first, shown with dims 0 and 1 swapped)" if n in self._inputs_first else n
+                  for n in self.names]
         with torch.no_grad():
             sel = prune_as("Pruner.prune", rows(weights), rows(curv), sparsity=sparsity, scope=scope, pattern=pattern,
-                           masks=rows(masks), factor=factor, nonfinite=nonfinite, names=self.names)
+                           masks=rows(masks), factor=factor, nonfinite=nonfinite, names=labels)
         sel.masks = masks  # the masks as stored, not the views
         for part, m in zip(sel.per_tensor, masks):
             part.masks = [m]
@@ -382,7 +407,6 @@ class Pruner:
             raise RuntimeError(f"Pruner: the gradient of {name!r} is {g.layout} (e.g. nn.Embedding(sparse=True)); "
                                f"deleted entries are frozen by masking dense gradients in place: use sparse=False")
         g.view(_INT_OF_WIDTH[g.element_size()]).bitwise_and_(self._bitmask(name, g))
-        self._masked[name] = (weakref.ref(g), g._version)
 
     def _install_grad_hooks(self) -> None:
         # A parameter frozen (requires_grad=False) when the Pruner is built
@@ -398,9 +422,14 @@ class Pruner:
                     lambda param, name=name: self._mask_grad(name, param)))
                 self._grad_hooked.add(name)
                 self._mask_grad(name, p)
-        if len(self._grad_hooked) < len(self.params) and self._forward_hook is None:
-            self._forward_hook = self.model.register_forward_pre_hook(lambda module, args: self._install_grad_hooks())
-            self._hooks.append(self._forward_hook)
+        if len(self._grad_hooked) < len(self.params) and not self._forward_hooks:
+            # on every layer using such a weight (tied ones under each name): a model
+            # may be run through its submodules, never calling the root's forward
+            owners = {id(m): m for n, c in self.aliases.items() if c not in self._grad_hooked
+                      for m in [self.model.get_submodule(n.rpartition(".")[0])]}
+            for m in owners.values():
+                self._forward_hooks.append(m.register_forward_pre_hook(lambda module, args: self._install_grad_hooks()))
+            self._hooks.extend(self._forward_hooks)
 
     def _after_masks_changed(self, factor: Optional[float], weights_written: bool) -> None:
         """After a selection: apply ``factor`` unless the kernels did, zero the optimizers' state at deletions."""
@@ -452,6 +481,7 @@ class Pruner:
             "fresh": what a new parameter's state holds (entries it stops freezing).
         """
         held = frozen_state.held_keys(opt) if how != "fresh" else ()
+        free = frozen_state.scale_keys(opt) if how == "loaded" else ()
         groups = frozen_state.groups_of(opt)
         for name in self.names if names is None else names:
             p = self.params[name]
@@ -461,7 +491,7 @@ class Pruner:
             group, deleted = groups[id(p)], self._deleted[name]
             holding = bool(held) and frozen_state.holds(opt, group, p) is not None
             for key, value in state.items():
-                if key == "step" or (keys is not None and key not in keys):
+                if key == "step" or key in free or (keys is not None and key not in keys):
                     continue
                 if not (isinstance(value, Tensor) and value.shape == p.shape):
                     continue
@@ -492,20 +522,34 @@ class Pruner:
             self._set_state(opt, names=due, keys=held)
 
     def _before_step(self) -> None:
-        # Gradients the hook has not seen: of a weight unfrozen since (no hook
-        # yet), assigned (p.grad = g, no accumulation) or edited in place
-        # after the hook. Masking is idempotent, so a doubt costs one pass.
+        # The gradient hook masks at accumulation (so clipping and logging see
+        # zeros); the step masks again, because a gradient can change after it
+        # unseen: assigned (p.grad = g), edited through .data (which has a
+        # version counter of its own), or of a weight unfrozen since. One
+        # allocation-free AND per step, about 1% of the bench MLP's step.
         self._install_grad_hooks()
         for name, p in self.params.items():
-            g = p.grad
-            seen = self._masked.get(name)
-            if g is not None and (seen is None or seen[0]() is not g or seen[1] != g._version):
-                self._mask_grad(name, p)
+            self._mask_grad(name, p)
 
     def _after_state_load(self, opt: torch.optim.Optimizer) -> None:
         # A state loaded after attaching (e.g. from before pruning) may carry
-        # momentum at deleted entries.
+        # momentum at deleted entries, or an LBFGS history that moves them.
+        if isinstance(opt, torch.optim.LBFGS) and not self._lbfgs_history_clean(opt):
+            opt.state.clear()
         self._set_state(opt, "loaded")
+
+    def _lbfgs_history_clean(self, opt: torch.optim.LBFGS) -> bool:
+        """Whether LBFGS's flat history is zero at every deleted entry (as in a state saved under this Pruner)."""
+        by_id = {id(p): n for n, p in self.params.items()}
+        flat = torch.cat([self._deleted[by_id[id(p)]].reshape(-1) if id(p) in by_id
+                          else torch.zeros(p.numel(), dtype=torch.bool, device=p.device)
+                          for p in opt.param_groups[0]["params"]])
+        for state in opt.state.values():
+            for key in ("d", "prev_flat_grad", "old_dirs", "old_stps"):
+                for v in state.get(key, []) if isinstance(state.get(key), list) else [state.get(key)]:
+                    if isinstance(v, Tensor) and v.shape == flat.shape and v[flat].any():
+                        return False
+        return True
 
     def _after_step(self, opt: torch.optim.Optimizer) -> None:
         # Zero-preserving optimizers cannot move a deleted entry while its
@@ -528,6 +572,7 @@ class Pruner:
             raise ValueError(f"attach: the optimizer holds none of the {len(self.params)} pruned parameters (e.g. "
                              f"{self.names[0]!r}), so nothing it does could be frozen: attach the optimizer that "
                              "trains this model's parameters")
+        self._install_grad_hooks()  # again, after remove_hooks()
         self._optimizers.append(optimizer)
         self._hooks.append(optimizer.register_step_pre_hook(lambda opt, args, kwargs: self._before_step()))
         self._hooks.append(optimizer.register_load_state_dict_post_hook(self._after_state_load))
@@ -560,7 +605,7 @@ class Pruner:
             h.remove()
         self._hooks.clear()
         self._grad_hooked.clear()
-        self._forward_hook = None
+        self._forward_hooks.clear()
         self._optimizers.clear()
 
     def _release_state(self) -> None:

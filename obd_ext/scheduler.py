@@ -48,7 +48,7 @@ from .checkpoints import (
     write_checkpoint,
 )
 from .curvature import as_batches, hessian_diag
-from .pruning import Pruner, default_prunable, stores_inputs_first, warn_uncovered
+from .pruning import Pruner, default_prunable, inputs_first, warn_uncovered
 from .selection import check_nm_shapes
 from .vocabulary import (METHODS, PRUNER_METHODS, SCOPES, check_method, check_pattern_sparsity, check_scope,
                          parse_pattern)
@@ -365,7 +365,8 @@ class OBDScheduler:
         if nm is not None:  # a layer the pattern cannot split fails here, not after a round's curvature pass
             named = dict(model.named_parameters(remove_duplicate=False))
             check_nm_shapes("OBDScheduler", pattern, nm, (
-                (f"parameter {n!r}", named[n].t() if stores_inputs_first(model, n) else named[n])
+                (f"parameter {n!r}" + (" (stored inputs first, shown with dims 0 and 1 swapped)" if inputs_first(model, n)
+                                       else ""), named[n].transpose(0, 1) if inputs_first(model, n) else named[n])
                 for n in names if n in named))
 
         self.model, self.loss_fn, self.data, self.train_fn = model, loss_fn, data, train_fn

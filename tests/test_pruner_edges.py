@@ -218,8 +218,9 @@ def test_gpt2_conv1d_is_pruned_along_its_inputs():
     # the scheduler's width check reads the inputs too (c_fc: 32, c_proj: 128, shown as the [out, in] view)
     obd_ext.OBDScheduler(m, nn.CrossEntropyLoss(), [(torch.zeros(1, 32), torch.zeros(1, dtype=torch.long))],
                          lambda r: None, schedule=[0.5], pattern="2:4", params=["transformer.h.0.mlp.c_fc.weight"])
-    with pytest.raises(ValueError, match=r"input dimension \(dim 1\) of parameter 'transformer.h.0.mlp.c_proj.weight'"
-                                         r" to be a multiple of 3, got shape \(32, 128\)"):
+    with pytest.raises(ValueError, match=r"input dimension \(dim 1\) of parameter 'transformer.h.0.mlp.c_proj.weight' "
+                                         r"\(stored inputs first, shown with dims 0 and 1 swapped\) to be a multiple "
+                                         r"of 3, got shape \(32, 128\)"):
         obd_ext.OBDScheduler(m, nn.CrossEntropyLoss(), [(torch.zeros(1, 32), torch.zeros(1, dtype=torch.long))],
                              lambda r: None, schedule=[1 / 3], pattern="2:3",
                              params=["transformer.h.0.mlp.c_proj.weight"])
@@ -342,3 +343,123 @@ def test_finalize_refuses_replaced_parameters_and_prune_names_itself():
         other.prune(0.5, method="obd", curvature=h)
     sel = other.prune(0.5, method="obd", curvature=h, nonfinite="keep")
     assert sel.skipped_nonfinite == 1 and other.masks["0.weight"][0, 0]
+
+
+# --------------------------------------------------------------------------- third audit
+
+
+def test_gradients_edited_through_data_are_masked_before_the_step():
+    net = _net()
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    pruner = Pruner(net).attach(opt)
+    pruner.prune(0.5, method="magnitude")
+    net(torch.randn(16, 8)).square().mean().backward()
+    for p in net.parameters():
+        p.grad.data.add_(1.0)  # .data has a version counter of its own
+    opt.step()
+    _assert_frozen(pruner)
+
+
+def test_lbfgs_history_loaded_after_pruning_is_cleared_and_its_own_reloads():
+    net = _net()
+    x = torch.randn(32, 8)
+    seen = []
+
+    def closure():
+        opt.zero_grad()
+        loss = net(x).square().mean()
+        loss.backward()
+        seen.append(sum(int(net.get_parameter(n)[~m].ne(0).sum()) for n, m in pruner.masks.items()))
+        return loss
+
+    opt = torch.optim.LBFGS(net.parameters(), lr=0.1, max_iter=4)
+    pruner = Pruner(net).attach(opt)
+    opt.step(closure)
+    before_pruning = copy.deepcopy(opt.state_dict())
+    pruner.prune(0.6, method="magnitude")
+    opt.step(closure)
+    own = copy.deepcopy(opt.state_dict())
+    reference = copy.deepcopy(own)
+    opt.load_state_dict(own)  # its own history: kept
+    assert opt.state and all(torch.equal(a, b) for a, b in zip(opt.state_dict()["state"][0]["old_dirs"],
+                                                                reference["state"][0]["old_dirs"]))
+    opt.load_state_dict(before_pruning)  # history from before: it would move deleted weights inside the step
+    assert not opt.state
+    seen.clear()
+    opt.step(closure)
+    assert seen and not any(seen)
+
+
+def test_rprop_state_saved_under_the_pruner_reloads_bit_for_bit():
+    net = _net()
+    opt = torch.optim.Rprop(net.parameters(), lr=1e-2)
+    pruner = Pruner(net).attach(opt)
+    pruner.prune(0.5, method="magnitude")
+    _steps(net, opt)
+    saved = copy.deepcopy(opt.state_dict())
+    reference = copy.deepcopy(saved)  # load_state_dict adopts saved's tensors, and the hook writes in place
+    opt.load_state_dict(saved)
+    for i, p in enumerate(net.parameters()):
+        for key, v in opt.state[p].items():
+            assert torch.equal(v, reference["state"][i][key]), key
+
+
+def test_raw_stacked_tensors_refuse_row_nm_and_group_scopes_and_transposed_convs_flip():
+    class Experts(nn.Module):  # MoE-style: [experts, out, in] as one raw parameter
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(2, 8, 16))
+
+    pruner = Pruner(Experts(), params=["w"])
+    for kw in ({"pattern": "2:4"}, {"sparsity": 0.5, "scope": "row"}, {"sparsity": 0.5, "scope": "group"}):
+        with pytest.raises(ValueError, match="'w' \\(3 dims\\) is not a known layer's weight"):
+            pruner.prune(method="magnitude", **kw)
+    assert pruner.masks["w"].all()
+    pruner.prune(0.5, method="magnitude", scope="layer")  # orientation-free scopes work
+    assert pruner.sparsity == 0.5
+
+    deconv = nn.ConvTranspose2d(8, 4, 3)  # weight [in 8, out 4, 3, 3]
+    Pruner(deconv).prune(method="magnitude", pattern="2:4")
+    per_group = (deconv.weight.detach().transpose(0, 1) != 0).reshape(4, 2, 4, 9).sum(2)  # 4 inputs per group
+    assert int(per_group.max()) == 2
+
+
+def test_random_factor_shrinks_only_the_new_deletions():
+    lin = nn.Linear(8, 4, bias=False)
+    w0 = lin.weight.detach().clone()
+    pruner = Pruner(lin)
+    g = torch.Generator().manual_seed(0)
+    pruner.prune(0.25, method="random", factor=0.5, generator=g)
+    first = ~pruner.masks["weight"].clone()
+    pruner.prune(0.5, method="random", factor=0.5, generator=g)
+    second = ~pruner.masks["weight"] & ~first
+    torch.testing.assert_close(lin.weight[first], w0[first] * 0.5, rtol=0, atol=0)
+    torch.testing.assert_close(lin.weight[second], w0[second] * 0.5, rtol=0, atol=0)
+
+
+def test_first_backward_masked_after_reattach_and_through_submodules():
+    net = _net()
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    pruner = Pruner(net).attach(opt)
+    pruner.prune(0.5, method="magnitude")
+    pruner.remove_hooks()
+    pruner.attach(opt)
+    net(torch.randn(16, 8)).square().mean().backward()
+    assert not any(net.get_parameter(n).grad[~m].any() for n, m in pruner.masks.items())
+
+    net2 = _net()
+    net2[0].weight.requires_grad_(False)
+    pruner2 = Pruner(net2).attach(torch.optim.SGD(net2.parameters(), lr=0.1))
+    pruner2.prune(0.5, method="magnitude", scope="layer")
+    net2[0].weight.requires_grad_(True)
+    net2[2](net2[1](net2[0](torch.randn(16, 8)))).square().mean().backward()  # the root's forward never runs
+    assert not net2[0].weight.grad[~pruner2.masks["0.weight"]].any()
+
+
+def test_rnn_cells_listed_and_weight_norm_gain_not_called_a_matrix():
+    assert default_prunable(nn.LSTMCell(4, 8)) == ["weight_ih", "weight_hh"]
+    model = nn.Sequential(nn.utils.weight_norm(nn.Linear(8, 8)), nn.Linear(8, 2))
+    with pytest.warns(UserWarning) as record:
+        Pruner(model)
+    message = str(next(r.message for r in record if "default list" in str(r.message)))
+    assert "weight_v" in message and "weight_g" not in message
