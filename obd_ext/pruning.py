@@ -302,7 +302,9 @@ class Pruner:
             The :class:`~obd_ext.Selection` (counts and the predicted loss increase).
         """
         check_method(method, PRUNER_METHODS, "Pruner.prune")
-        check_factor(factor)
+        if check_factor(factor) is not None and not 0.0 <= factor <= 1.0:
+            raise ValueError(f"factor must be in [0, 1] (0 deletes; the paper's 'decrease' variant shrinks by a value "
+                             f"in (0, 1)) or None to leave the weights, got {factor!r}")
         self._check_current("prune")
         resolved_scope = check_scope(scope, SCOPES)
         sparsity = check_pattern_sparsity(pattern, sparsity)
@@ -623,7 +625,8 @@ class Pruner:
             format: "dense" (plain tensors with zeros), "csr" (pruned Linear
                 weights as sparse CSR parameters) or "semi_structured" (2:4
                 pruned Linear weights as CUDA 2:4 tensors); see
-                obd_ext.sparse_export. Other pruned tensors stay dense.
+                obd_ext.sparse_export. Other pruned tensors, and weights shared by
+                several layers (tied), stay dense.
 
         Every layer is checked before anything changes: a layer that cannot
         be converted leaves the model, the masks and the hooks as they were.

@@ -25,6 +25,7 @@ of a round exceeds it).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -157,6 +158,18 @@ def _check_data(data: Any) -> None:
                 raise TypeError(f"data[{i}] must be an (inputs, targets) pair of tensors, got {type(b).__name__}")
             if b[0].dim() == 0 or b[0].shape[0] == 0:
                 raise ValueError(f"data[{i}] holds no samples (inputs of shape {tuple(b[0].shape)})")
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module):
+    """``model.eval()`` inside, every module's own training flag restored after."""
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, flag in flags:
+            m.training = flag
 
 
 def _check_params(model: nn.Module, params: Any, method: str) -> List[str]:
@@ -407,13 +420,28 @@ class OBDScheduler:
 
     @torch.no_grad()
     def _loss(self) -> float:
+        # In eval mode: dropout would make a round that deletes nothing show an
+        # increase, and BatchNorm would move its running statistics.
         total, n = 0.0, 0
-        for x, y in as_batches(self.data):
-            total += float(self.loss_fn(self.model(x), y))
-            n += 1
+        with _eval_mode(self.model):
+            for x, y in as_batches(self.data):
+                total += float(self.loss_fn(self.model(x), y))
+                n += 1
         if n == 0:  # a loader that was non-empty when checked may run dry
             raise ValueError("data yielded no batches; the loss (and the curvature) need at least one")
         return total / n
+
+    def _check_still_deleted(self, r: int) -> None:
+        # An optimizer train_fn uses but the scheduler was not given is not
+        # frozen: its momentum revives deleted weights, and the log would
+        # report a sparsity the model no longer has.
+        for name, m in self.pruner.masks.items():
+            moved = int(self.pruner.params[name].detach()[~m].ne(0).sum())
+            if moved:
+                raise RuntimeError(
+                    f"round {r}: after train_fn, {moved} deleted weights of {name!r} are no longer zero: the "
+                    "optimizer train_fn steps is not frozen by this scheduler; pass it as optimizer= (or "
+                    "scheduler.pruner.attach(it)). The last checkpoint is from before this round")
 
     def _meta(self) -> Dict[str, Any]:
         from . import __version__
@@ -581,8 +609,12 @@ class OBDScheduler:
         before = self._loss()
         curvature = None
         if METHODS[self.method].needs_curvature:
+            buffers = {k: b.clone() for k, b in self.model.named_buffers()}  # the curvature pass must not move them
             curvature = hessian_diag(self.model, self.loss_fn, self.data, method=self.method,
                                      params=list(self.pruner.params.values()), seed=self.seed + r, progress=False)
+            with torch.no_grad():
+                for k, b in self.model.named_buffers():
+                    b.copy_(buffers[k])
             if curvature.batches == 0:
                 raise ValueError("data yielded no batches for the curvature; zero curvature would delete the "
                                  "first entries in index order")
@@ -618,10 +650,12 @@ class OBDScheduler:
             over = spent > self.loss_budget
         if over:  # undo this round and stop: the budget is the last word
             undo_round()
-            entry["stopped_by_budget"] = True
+            entry.update({"stopped_by_budget": True, "undone_sparsity": entry["sparsity"],
+                          "undone_deleted": entry["deleted"], "sparsity": self.pruner.sparsity, "deleted": 0})
             self.stopped = True
         elif self.train_fn is not None:
             self.train_fn(r)
+            self._check_still_deleted(r)
             entry["loss_after_retrain"] = self._loss()
         if self.eval_fn is not None and not over:
             metrics = self.eval_fn()

@@ -21,6 +21,7 @@ has no fast sparse kernels for them.
 from __future__ import annotations
 
 import warnings
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
@@ -114,6 +115,9 @@ def finalize_modules(model: nn.Module, names: List[str], format: str,
     if format not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
     modules = dict(model.named_modules())
+    # A parameter several layers share (an embedding tied to the head) stays
+    # dense: replacing it in one owner would untie the two.
+    uses = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
     out = Finalized(format)
     replace = []
     for name in names:
@@ -122,7 +126,7 @@ def finalize_modules(model: nn.Module, names: List[str], format: str,
         p = getattr(owner, attr)
         data = values[name] if values is not None else p.data
         out.bytes_before += _bytes(p)
-        if format == "dense" or not (isinstance(owner, nn.Linear) and attr == "weight"):
+        if format == "dense" or not (isinstance(owner, nn.Linear) and attr == "weight") or uses[id(p)] > 1:
             out.kept_dense.append(name)
             out.bytes_after += _bytes(p)
             continue

@@ -463,3 +463,30 @@ def test_rnn_cells_listed_and_weight_norm_gain_not_called_a_matrix():
         Pruner(model)
     message = str(next(r.message for r in record if "default list" in str(r.message)))
     assert "weight_v" in message and "weight_g" not in message
+
+
+# --------------------------------------------------------------------------- fourth audit
+
+
+def test_finalize_csr_keeps_a_tied_weight_dense_and_tied():
+    class HeadFirst(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.out = nn.Linear(16, 20, bias=False)
+            self.emb = nn.Embedding(20, 16)
+            self.emb.weight = self.out.weight
+
+    model = HeadFirst()
+    pruner = Pruner(model)
+    pruner.prune(0.7, method="magnitude")
+    result = pruner.finalize("csr")
+    assert model.out.weight is model.emb.weight and model.out.weight.layout == torch.strided
+    assert result.converted == [] and result.kept_dense == ["out.weight"]
+
+
+def test_factor_outside_zero_one_is_refused():
+    pruner = Pruner(_net())
+    for bad in (2.0, -0.5):
+        with pytest.raises(ValueError, match=r"factor must be in \[0, 1\]"):
+            pruner.prune(0.5, method="magnitude", factor=bad)
+    assert pruner.sparsity == 0.0

@@ -144,3 +144,46 @@ def test_repeated_sigkill_at_random_times_resumes_bitwise_and_leaves_no_temporar
     assert a["log"] == b["log"]
     # The next start removes whatever the last kill left; the finished run left nothing.
     assert not [p.name for p in tmp_path.iterdir() if ".tmp." in p.name]
+
+
+def test_an_optimizer_the_scheduler_was_not_given_cannot_revive_deletions_silently():
+    model, x, y = _setup()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+
+    def train(r):
+        for _ in range(5):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+
+    train(-1)  # momentum everywhere
+    sched = OBDScheduler(model, nn.CrossEntropyLoss(), (x, y), train, fixed(0.3, 2), progress=False)
+    with pytest.raises(RuntimeError, match=r"round 0: after train_fn, \d+ deleted weights of '0.weight' are no longer "
+                                           r"zero: .*pass it as optimizer="):
+        sched.run()
+
+
+def test_an_undone_round_logs_the_sparsity_the_model_has():
+    model, x, y = _setup()
+    sched = OBDScheduler(model, nn.CrossEntropyLoss(), (x, y), None, fixed(0.25, 3), loss_budget=1e-3,
+                         budget_on="predicted", progress=False)
+    log = sched.run()
+    last = log[-1]
+    assert last["stopped_by_budget"] and last["deleted"] == 0
+    assert last["sparsity"] == sched.pruner.sparsity < last["undone_sparsity"]
+    zeros = sum(int((model.get_parameter(n) == 0).sum()) for n in sched.pruner.names)
+    assert zeros / sum(m.numel() for m in sched.pruner.masks.values()) == pytest.approx(last["sparsity"])
+
+
+def test_measurement_passes_leave_dropout_noise_and_batchnorm_statistics_out():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 10), nn.BatchNorm1d(10), nn.Tanh(), nn.Dropout(0.5), nn.Linear(10, 3))
+    x, y = torch.randn(40, 6), torch.randint(0, 3, (40,))
+    model.train()
+    buffers = {k: b.clone() for k, b in model.named_buffers()}
+    sched = OBDScheduler(model, nn.CrossEntropyLoss(), (x, y), None, [0.0, 0.0], progress=False)
+    log = sched.run()
+    assert [e["actual_increase"] for e in log] == [0.0, 0.0]  # nothing deleted, nothing measured
+    for k, b in model.named_buffers():
+        assert torch.equal(b, buffers[k]), k  # the curvature and loss passes moved no statistics
+    assert model.training and model[3].training  # the modes are given back

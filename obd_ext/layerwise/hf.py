@@ -123,12 +123,12 @@ def check_out_dir(out_dir: str, model_dir: Optional[str], overwrite: bool, name:
         if out == src or out.startswith(src.rstrip(os.sep) + os.sep):
             where = "is" if out == src else "is inside"
             raise FileExistsError(f"{name}: {out_dir!r} {where} the model directory {model_dir!r}: the input "
-                                  "model would be overwritten; choose another directory (or pass overwrite)")
+                                  "model would be overwritten; choose another directory (or pass overwrite=True, --overwrite)")
     if os.path.exists(out):
         if not os.path.isdir(out):
             raise FileExistsError(f"{name}: {out_dir!r} exists and is not a directory")
         if os.listdir(out) and not overwrite:
-            raise FileExistsError(f"{name}: {out_dir!r} exists and is not empty (pass overwrite to write into it)")
+            raise FileExistsError(f"{name}: {out_dir!r} exists and is not empty (pass overwrite=True, or --overwrite, to write into it)")
     parent = out
     while not os.path.exists(parent):
         parent = os.path.dirname(parent)
