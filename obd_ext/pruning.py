@@ -169,6 +169,10 @@ class Pruner:
         missing = [n for n, owner in torch_owned.items() if owner is None]
         if missing:
             raise ValueError(f"params: the model has no parameter named {missing[0]!r}")
+        sparse = [n for n in names if n in named and named[n].layout != torch.strided]
+        if sparse:
+            raise ValueError(f"params: {sparse[0]!r} is a {named[sparse[0]].layout} tensor (e.g. left by "
+                             "finalize('csr'), which is for inference): prune the dense model instead")
         lazy = [n for n in names if isinstance(named.get(n), nn.parameter.UninitializedParameter)]
         if lazy:
             raise ValueError(f"params: {lazy[0]!r} is not initialised yet (a lazy module): run one forward pass "

@@ -490,3 +490,12 @@ def test_factor_outside_zero_one_is_refused():
         with pytest.raises(ValueError, match=r"factor must be in \[0, 1\]"):
             pruner.prune(0.5, method="magnitude", factor=bad)
     assert pruner.sparsity == 0.0
+
+
+def test_a_finalized_sparse_model_is_refused_clearly():
+    net = _net()
+    pruner = Pruner(net)
+    pruner.prune(0.7, method="magnitude")
+    pruner.finalize("csr")
+    with pytest.raises(ValueError, match=r"'0.weight' is a torch.sparse_csr tensor .*prune the dense model"):
+        Pruner(net, adopt_zeros=True)
