@@ -296,8 +296,9 @@ class Pruner:
                 default ("global").
             pattern: "unstructured" or "N:M" such as "2:4" (N kept of every M
                 consecutive inputs of each row).
-            factor: deleted weights are multiplied by it (0 deletes; the
-                paper's "decrease" variant uses a value in (0, 1)).
+            factor: deleted weights are multiplied by it, in [0, 1] (0 deletes;
+                the paper's "decrease" variant uses a value in (0, 1), and the
+                next optimizer step zeroes them); None leaves them as they are.
             generator: random source for method="random".
             nonfinite: "error" (default) raises on NaN/Inf in a kept weight
                 or its curvature; "keep" leaves such entries alone.
@@ -342,6 +343,7 @@ class Pruner:
             curv = self._curvature_list(method, curvature)
         else:  # magnitude: saliency w^2 / 2 orders like |w|
             curv = [torch.ones_like(w) for w in weights]
+
         def rows(ts: List[Tensor]) -> List[Tensor]:  # weights stored inputs first: select with dims 0, 1 swapped
             return [t.transpose(0, 1) if n in self._inputs_first else t for n, t in zip(self.names, ts)]
 
