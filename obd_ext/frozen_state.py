@@ -23,10 +23,10 @@ instead of zero:
 - re-set every :func:`rearm_period` steps, before the optimizer's decay
   (``beta2`` per step) can take it down to subnormal.
 
-Everything else at a deleted entry stays exactly zero, and :class:`Pruner`
-gives the entries it stops freezing (``revive``, ``remove_hooks``,
-``finalize``, masks loaded with fewer deletions) the state a new parameter
-would have (:func:`fresh_value`). On other devices the square root has no
+Everything else at a deleted entry is zeroed when it is deleted, and
+:class:`Pruner` gives the entries it stops freezing (``revive``,
+``remove_hooks``, ``finalize``, masks loaded with fewer deletions) the state a
+new parameter would have (:func:`fresh_value`). On other devices the square root has no
 such path, and the held entries stay at zero.
 """
 
@@ -38,8 +38,8 @@ from typing import Callable, Dict, Optional, Tuple
 import torch
 from torch import Tensor
 
-__all__ = ["ZERO_PRESERVING", "preserves_zero", "scale_keys", "fresh_value", "held_keys", "held_value", "rearm_period", "holds",
-           "groups_of"]
+__all__ = ["ZERO_PRESERVING", "preserves_zero", "scale_keys", "fresh_value", "held_keys", "held_value",
+           "rearm_period", "holds", "groups_of"]
 
 # Optimizers whose step leaves an entry at exactly zero when its gradient, its
 # update-carrying state and its weight are zero: every update term is a

@@ -322,8 +322,8 @@ class Pruner:
                              "revive() first to start over")
         if self._layout_unknown and (pattern != "unstructured" or resolved_scope in ("row", "group")):
             n = self._layout_unknown[0]
-            raise ValueError(f"Pruner.prune: {n!r} ({self.params[n].dim()} dims) is not a known layer's weight, so which "
-                             f"dims hold its outputs and inputs is unknown; scope={resolved_scope!r} with "
+            raise ValueError(f"Pruner.prune: {n!r} ({self.params[n].dim()} dims) is not a known layer's weight, so "
+                             f"which dims hold its outputs and inputs is unknown; scope={resolved_scope!r} with "
                              f"pattern={pattern!r} needs them: use scope 'global' or 'layer', or a Pruner without it")
         weights = [self.params[k] for k in self.names]
         masks = [self.masks[k] for k in self.names]

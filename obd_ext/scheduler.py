@@ -377,10 +377,10 @@ class OBDScheduler:
         nm = parse_pattern(pattern)
         if nm is not None:  # a layer the pattern cannot split fails here, not after a round's curvature pass
             named = dict(model.named_parameters(remove_duplicate=False))
+            flipped = {n for n in names if inputs_first(model, n)}
             check_nm_shapes("OBDScheduler", pattern, nm, (
-                (f"parameter {n!r}" + (" (stored inputs first, shown with dims 0 and 1 swapped)" if inputs_first(model, n)
-                                       else ""), named[n].transpose(0, 1) if inputs_first(model, n) else named[n])
-                for n in names if n in named))
+                (f"parameter {n!r} (stored inputs first, shown with dims 0 and 1 swapped)", named[n].transpose(0, 1))
+                if n in flipped else (f"parameter {n!r}", named[n]) for n in names if n in named))
 
         self.model, self.loss_fn, self.data, self.train_fn = model, loss_fn, data, train_fn
         self.schedule = schedule
