@@ -322,6 +322,17 @@ def restorer(weights: Dict[str, torch.Tensor]):
     return setup
 
 
+def time_and_peak(call, weights: Dict[str, torch.Tensor], device: str, repeats: int):
+    """Seconds per ``call`` (which prunes ``weights`` in place; they are put back before each run) and its peak
+    extra bytes; ``weights`` are left as they were."""
+    setup = restorer(weights)
+    seconds = time_call(call, device, repeats, setup=setup)
+    setup()
+    mem = peak_extra_bytes(call, device)
+    setup()
+    return seconds, mem
+
+
 def surgeon_row(shapes, tokens: int, dtype, device: str, pattern: str, args) -> Dict[str, object]:
     """The surgeon on ``--timed-blocks`` blocks: total, and statistics / factorisation / sweep, and peak memory."""
     mismatch = check_surgeon(pattern, device)
@@ -329,19 +340,16 @@ def surgeon_row(shapes, tokens: int, dtype, device: str, pattern: str, args) -> 
     times, parts, factors, mems = [], [], [], []
     for b in range(args.timed_blocks):
         weights, inputs = make_block(shapes, tokens, dtype, device, seed=10 + b)
-        setup = restorer(weights)
-        times.append(time_call(lambda: obs_block(weights, inputs, shapes, 0.5, pattern), device, args.repeats,
-                               setup=setup))
-        setup()
+        seconds, mem = time_and_peak(lambda: obs_block(weights, inputs, shapes, 0.5, pattern), weights, device,
+                                     args.repeats)
+        times.append(seconds)
+        mems.append(mem)
         part: Dict[str, float] = {}
         obs_block(weights, inputs, shapes, 0.5, pattern, part)
         parts.append(part)
         grams = gram_stats(inputs)
         factors.append(time_call(lambda: factor_block(grams), device, args.repeats))
-        del grams
-        setup()
-        mems.append(peak_extra_bytes(lambda: obs_block(weights, inputs, shapes, 0.5, pattern), device))
-        del weights, inputs, setup
+        del grams, weights, inputs
     n = len(times)
     per_block = sum(times) / n
     stats = sum(p["stats_s"] for p in parts) / n
@@ -393,12 +401,11 @@ def main(argv=None) -> int:
             times, mems = [], []
             for b in range(args.timed_blocks):
                 weights, inputs = make_block(shapes, tokens, dtype, device, seed=10 + b)
-                setup = restorer(weights)
-                times.append(time_call(lambda: fn(weights, inputs, shapes, 0.5, pattern), device, args.repeats,
-                                       setup=setup))
-                setup()
-                mems.append(peak_extra_bytes(lambda: fn(weights, inputs, shapes, 0.5, pattern), device))
-                del weights, inputs, setup
+                seconds, mem = time_and_peak(lambda: fn(weights, inputs, shapes, 0.5, pattern), weights, device,
+                                             args.repeats)
+                times.append(seconds)
+                mems.append(mem)
+                del weights, inputs
             per_block = sum(times) / len(times)
             params = sum(o * i for _, o, i, _ in shapes)
             mem = max(m for m in mems) if all(m is not None for m in mems) else None

@@ -32,6 +32,7 @@ such path, and the held entries stay at zero.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable, Dict, Optional, Tuple
 
@@ -69,11 +70,17 @@ def preserves_zero(opt: torch.optim.Optimizer) -> bool:
         return False
     for group in opt.param_groups:
         eps = group.get("eps")
-        values = [e for e in (eps if isinstance(eps, (tuple, list)) else (eps,)) if e is not None]
+        values = [float(e) for e in (eps if isinstance(eps, (tuple, list)) else (eps,)) if e is not None]
         for dtype in {p.dtype for p in group["params"]} if values else ():
-            if not all(torch.tensor(float(e), dtype=dtype).item() > 0 for e in values):
+            if not all(_positive_in(e, dtype) for e in values):
                 return False
     return True
+
+
+@functools.lru_cache(maxsize=64)
+def _positive_in(value: float, dtype: torch.dtype) -> bool:
+    # Asked after every step: cached, so the step pays no tensor creation.
+    return torch.tensor(value, dtype=dtype).item() > 0
 
 
 # What a fresh parameter's state holds, where it is not zero: an entry the
