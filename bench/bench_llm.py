@@ -322,34 +322,41 @@ def restorer(weights: Dict[str, torch.Tensor]):
     return setup
 
 
-def time_and_peak(call, weights: Dict[str, torch.Tensor], device: str, repeats: int):
-    """Seconds per ``call`` (which prunes ``weights`` in place; they are put back before each run) and its peak
-    extra bytes; ``weights`` are left as they were."""
-    setup = restorer(weights)
-    seconds = time_call(call, device, repeats, setup=setup)
-    setup()
-    mem = peak_extra_bytes(call, device)
-    setup()
-    return seconds, mem
+def time_blocks(prune_block, shapes, tokens: int, dtype, device: str, args, after=None):
+    """Seconds and peak extra bytes of ``prune_block(weights, inputs)`` on each of ``--timed-blocks`` fresh blocks.
+
+    The weights are put back before every timed run (each run prunes them in
+    place); ``after(weights, inputs)``, if given, then runs on the fresh block.
+    """
+    times, mems = [], []
+    for b in range(args.timed_blocks):
+        weights, inputs = make_block(shapes, tokens, dtype, device, seed=10 + b)
+        setup = restorer(weights)
+        times.append(time_call(lambda: prune_block(weights, inputs), device, args.repeats, setup=setup))
+        setup()
+        mems.append(peak_extra_bytes(lambda: prune_block(weights, inputs), device))
+        setup()
+        if after is not None:
+            after(weights, inputs)
+        del weights, inputs, setup
+    return times, mems
 
 
 def surgeon_row(shapes, tokens: int, dtype, device: str, pattern: str, args) -> Dict[str, object]:
     """The surgeon on ``--timed-blocks`` blocks: total, and statistics / factorisation / sweep, and peak memory."""
     mismatch = check_surgeon(pattern, device)
     assert mismatch < 1e-3, f"{pattern}: the surgeon and its float64 reference disagree on {mismatch:.2%} of entries"
-    times, parts, factors, mems = [], [], [], []
-    for b in range(args.timed_blocks):
-        weights, inputs = make_block(shapes, tokens, dtype, device, seed=10 + b)
-        seconds, mem = time_and_peak(lambda: obs_block(weights, inputs, shapes, 0.5, pattern), weights, device,
-                                     args.repeats)
-        times.append(seconds)
-        mems.append(mem)
+    parts, factors = [], []
+
+    def split(weights, inputs) -> None:  # statistics / factorisation / sweep of one untimed run
         part: Dict[str, float] = {}
         obs_block(weights, inputs, shapes, 0.5, pattern, part)
         parts.append(part)
         grams = gram_stats(inputs)
         factors.append(time_call(lambda: factor_block(grams), device, args.repeats))
-        del grams, weights, inputs
+
+    times, mems = time_blocks(lambda w, x: obs_block(w, x, shapes, 0.5, pattern), shapes, tokens, dtype, device,
+                              args, after=split)
     n = len(times)
     per_block = sum(times) / n
     stats = sum(p["stats_s"] for p in parts) / n
@@ -398,14 +405,8 @@ def main(argv=None) -> int:
         mismatch = check_same_masks(shapes, min(tokens, 4096), dtype, device, 0.5, pattern)
         assert mismatch < 1e-3, f"{pattern}: obd_ext and the plain-torch path disagree on {mismatch:.2%} of entries"
         for label, fn in (("obd_ext", obd_block), ("plain torch (Wanda)", torch_block)):
-            times, mems = [], []
-            for b in range(args.timed_blocks):
-                weights, inputs = make_block(shapes, tokens, dtype, device, seed=10 + b)
-                seconds, mem = time_and_peak(lambda: fn(weights, inputs, shapes, 0.5, pattern), weights, device,
-                                             args.repeats)
-                times.append(seconds)
-                mems.append(mem)
-                del weights, inputs
+            times, mems = time_blocks(lambda w, x: fn(w, x, shapes, 0.5, pattern), shapes, tokens, dtype, device,
+                                      args)
             per_block = sum(times) / len(times)
             params = sum(o * i for _, o, i, _ in shapes)
             mem = max(m for m in mems) if all(m is not None for m in mems) else None
